@@ -1,0 +1,96 @@
+"""Multi-head attention with grouped-query heads, RoPE, optional q/k norm and sliding window.
+
+Causal or bidirectional; documents packed into one window are masked from each other when the
+context carries segment ids. A KV cache gives incremental decoding with the same numerics as
+the full forward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from archs.config import ModelConfig
+from archs.context import Ctx
+from archs.layers import RMSNorm, apply_rope, linear, rope_tables
+
+
+def attention_mask(q_pos_bt, k_pos_bs, *, causal: bool, window: int, q_seg_bt=None, k_seg_bs=None):
+    """Boolean [B, T, S]: may query t attend to key s."""
+    diff = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]
+    mask = jnp.ones(diff.shape, bool)
+    if causal:
+        mask &= diff >= 0
+    if window:
+        mask &= (diff < window) if causal else (jnp.abs(diff) < window)
+    if q_seg_bt is not None:
+        mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
+    return mask
+
+
+def attend(q_bthd, k_bshd, v_bshd, mask_bts):
+    """Softmax attention; query heads are grouped over the kv heads (GQA). Softmax in fp32."""
+    n_kv = k_bshd.shape[2]
+    q = rearrange(q_bthd, "b t (k g) d -> b k g t d", k=n_kv)
+    scores = jnp.einsum("bkgtd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
+    scores = scores * q_bthd.shape[-1] ** -0.5
+    scores = jnp.where(mask_bts[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bshd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
+    return rearrange(out, "b t k g d -> b t (k g) d")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, window: int = 0, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.window = window
+        h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = linear(cfg, d, h * hd, ("embed", "heads"), rngs=rngs)
+        self.wk = linear(cfg, d, kv * hd, ("embed", "kv_heads"), rngs=rngs)
+        self.wv = linear(cfg, d, kv * hd, ("embed", "kv_heads"), rngs=rngs)
+        self.wo = linear(cfg, h * hd, d, ("heads", "embed"), rngs=rngs, std=out_std)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd)
+            self.k_norm = RMSNorm(hd)
+
+    def _qkv(self, x_btd, ctx: Ctx):
+        cfg = self.cfg
+        q = rearrange(self.wq(x_btd), "b t (h d) -> b t h d", d=cfg.head_dim)
+        k = rearrange(self.wk(x_btd), "b t (h d) -> b t h d", d=cfg.head_dim)
+        v = rearrange(self.wv(x_btd), "b t (h d) -> b t h d", d=cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_tables(ctx.positions, cfg.head_dim, cfg.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x_btd, ctx: Ctx, cache=None):
+        q, k, v = self._qkv(x_btd, ctx)
+        if cache is None:
+            mask = attention_mask(
+                ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
+                q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
+            )
+            return self.wo(rearrange(attend(q, k, v, mask), "b t h d -> b t (h d)"))
+        # Incremental decoding: write the new keys at their positions, attend over the cache.
+        start = ctx.positions[0, 0]
+        k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+        seg = ctx.segment_ids if ctx.segment_ids is not None else jnp.zeros_like(ctx.positions)
+        seg_cache = jax.lax.dynamic_update_slice_in_dim(cache["seg"], seg, start, axis=1)
+        b, s = seg_cache.shape
+        k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+        written = k_pos < start + x_btd.shape[1]
+        mask = attention_mask(
+            ctx.positions, k_pos, causal=self.cfg.causal, window=self.window,
+            q_seg_bt=seg, k_seg_bs=seg_cache,
+        ) & written[:, None, :]
+        out = attend(q, k_cache, v_cache, mask)
+        new_cache = {"k": k_cache, "v": v_cache, "seg": seg_cache}
+        return self.wo(rearrange(out, "b t h d -> b t (h d)")), new_cache
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "seg": jnp.zeros((batch, max_len), jnp.int32)}

@@ -1,0 +1,146 @@
+"""The one model builder: embedding -> blocks from a layer pattern -> final norm -> head.
+
+Every arch (AR transformer, diffusion denoiser, Gated DeltaNet / Mamba-2 stacks and hybrids)
+is this class with a different pattern and objective; only the mixer inside a block changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from archs.attention import Attention
+from archs.config import ModelConfig
+from archs.context import Ctx, segment_ids_from_tokens
+from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear
+from archs.sizes import layer_kinds, resolve
+
+EOD_ID = 256  # keep in sync with sweeps.data.EOD
+
+
+def make_mixer(kind: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if kind == "A":
+        return Attention(cfg, rngs=rngs)
+    if kind == "S":
+        return Attention(cfg, window=cfg.window, rngs=rngs)
+    # Recurrent mixers live with their kernels in ssm/.
+    from ssm.layers import GatedDeltaNet, Mamba2
+
+    if kind == "G":
+        return GatedDeltaNet(cfg, rngs=rngs)
+    if kind == "M":
+        return Mamba2(cfg, rngs=rngs)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        self.kind = kind
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.mixer = make_mixer(kind, cfg, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.d_model)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, ctx: Ctx, cache=None):
+        if cache is None:
+            x_btd = x_btd + self.mixer(self.norm1(x_btd), ctx)
+            return x_btd + self.mlp(self.norm2(x_btd))
+        h, cache = self.mixer(self.norm1(x_btd), ctx, cache)
+        x_btd = x_btd + h
+        return x_btd + self.mlp(self.norm2(x_btd)), cache
+
+
+def timestep_embedding(t_b, dim: int):
+    """Sinusoidal features of a diffusion time t in [0, 1]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t_b[:, None].astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Model(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # Parameters are created unsharded and placed by the engine (archs.sharding), so the
+        # same model code runs with or without a mesh.
+        with nnx.use_eager_sharding(False):
+            self._build(resolve(cfg), rngs)
+
+    def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=compute_dtype(cfg),
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in layer_kinds(cfg)])
+        self.norm = RMSNorm(cfg.d_model)
+        if not cfg.tie_embeddings:
+            self.head = linear(cfg, cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs)
+        if cfg.diffusion.time_conditioning:
+            self.time_mlp = linear(cfg, cfg.d_model, cfg.d_model, ("embed", "embed2"), rngs=rngs)
+
+    def _embed(self, tokens_bt, t_b):
+        x = self.embed(tokens_bt)
+        if t_b is not None and self.cfg.diffusion.time_conditioning:
+            temb = jax.nn.silu(self.time_mlp(timestep_embedding(t_b, self.cfg.d_model).astype(x.dtype)))
+            x = x + temb[:, None, :]
+        return x
+
+    def _logits(self, x_btd):
+        x = self.norm(x_btd)
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.head(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens_bt, *, t_b=None):
+        """Logits [B, T, vocab] in fp32 for a whole window (training and scoring)."""
+        b, t = tokens_bt.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        seg = segment_ids_from_tokens(tokens_bt, EOD_ID) if self.cfg.doc_mask else None
+        ctx = Ctx(positions=positions, segment_ids=seg)
+        x = self._embed(tokens_bt, t_b)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self._logits(x)
+
+    # -- incremental decoding (AR and recurrent arches) --------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        dtype = compute_dtype(self.cfg)
+        return {
+            "layers": [blk.mixer.init_cache(batch, max_len, dtype) for blk in self.blocks],
+            "eod": jnp.zeros((batch,), jnp.int32),  # documents opened so far, for the doc mask
+        }
+
+    def decode(self, tokens_bt, cache, pos):
+        """Process tokens at positions pos..pos+T-1 given the cache of everything before.
+
+        Prefill (T > 1) and single-token steps share this path; logits equal the full forward's.
+        """
+        b, t = tokens_bt.shape
+        positions = pos + jnp.broadcast_to(jnp.arange(t), (b, t))
+        seg = segment_ids_from_tokens(tokens_bt, EOD_ID, cache["eod"]) if self.cfg.doc_mask else None
+        ctx = Ctx(positions=positions, segment_ids=seg)
+        x = self._embed(tokens_bt, None)
+        new_layers = []
+        for block, layer_cache in zip(self.blocks, cache["layers"]):
+            x, layer_cache = block(x, ctx, layer_cache)
+            new_layers.append(layer_cache)
+        eod = seg[:, -1] if seg is not None else cache["eod"]
+        return self._logits(x), {"layers": new_layers, "eod": eod}
+
+
+def count_params(model: Model) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters). Non-embedding excludes the token embedding
+    and the output head (Kaplan et al.'s convention), so it measures the stack itself."""
+    params = nnx.state(model, nnx.Param)
+    total = sum(int(x.size) for x in jax.tree.leaves(params))
+    cfg = model.cfg
+    embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return total, total - embed

@@ -1,0 +1,115 @@
+"""The size rule: one knob (a name or a target non-embedding parameter count) -> width, depth, heads.
+
+Every arch goes through the same rule so families are compared at matched shapes. The rule
+keeps depth proportional to width (d_model / n_layers = ASPECT, as in small-scale scaling
+studies) and sizes a block as 12 d^2 parameters (attention 4 d^2 + SwiGLU MLP 8 d^2); the exact
+count of each arch is then measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from archs.config import LAYER_KINDS, ModelConfig
+from archs.errors import ConfigError
+
+ASPECT = 32  # d_model / n_layers
+WIDTH_MULTIPLE = 64
+
+# name -> (d_model, n_layers, n_heads); heads of 32 dims below 256 wide, 64 above.
+SIZES = {
+    "xxs": (64, 2, 2),
+    "xs": (128, 4, 4),
+    "s": (192, 6, 6),
+    "m": (256, 8, 4),
+    "l": (384, 12, 6),
+    "xl": (512, 16, 8),
+    "bench20m": (512, 6, 8),
+}
+
+
+def _parse_count(size: str) -> float | None:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", size)
+    if not m:
+        return None
+    mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    return float(m.group(1)) * mult
+
+
+def shape_for_size(size: str) -> tuple[int, int, int]:
+    """(d_model, n_layers, n_heads) for a size name or a target non-embedding count."""
+    if size in SIZES:
+        return SIZES[size]
+    target = _parse_count(str(size))
+    if target is None or target <= 0:
+        raise ConfigError(
+            f"arch.size={size!r} is neither a size name ({', '.join(SIZES)}) nor a parameter count "
+            "like '3M' or '2.5e6'; set arch.size to one of those"
+        )
+    # 12 d^2 * (d / ASPECT) = target  ->  d = (target * ASPECT / 12)^(1/3)
+    d = (target * ASPECT / 12) ** (1 / 3)
+    d = max(WIDTH_MULTIPLE, int(round(d / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
+    n_layers = max(1, int(round(target / (12 * d * d))))
+    head_dim = 32 if d < 256 else 64
+    return d, n_layers, d // head_dim
+
+
+def resolve(cfg: ModelConfig) -> ModelConfig:
+    """A copy of cfg with every derived dimension filled in and checked."""
+    d, n_layers, n_heads = shape_for_size(cfg.size)
+    d = cfg.d_model or d
+    n_layers = cfg.n_layers or n_layers
+    n_heads = cfg.n_heads or n_heads
+    if d % n_heads:
+        raise ConfigError(
+            f"arch.n_heads={n_heads} does not divide arch.d_model={d}; choose heads that divide the width"
+        )
+    head_dim = cfg.head_dim or d // n_heads
+    n_kv = cfg.n_kv_heads or max(1, n_heads // max(1, cfg.gqa_ratio))
+    if n_heads % n_kv:
+        raise ConfigError(
+            f"arch.n_kv_heads={n_kv} does not divide arch.n_heads={n_heads}; grouped-query attention "
+            "needs n_heads to be a multiple of n_kv_heads"
+        )
+    bad = sorted(set(cfg.pattern) - set(LAYER_KINDS))
+    if not cfg.pattern or bad:
+        raise ConfigError(
+            f"arch.pattern={cfg.pattern!r} has unknown layer kinds {bad}; use characters from "
+            + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items())
+        )
+    if cfg.objective not in ("ar", "diffusion"):
+        raise ConfigError(f"arch.objective={cfg.objective!r}; use 'ar' or 'diffusion'")
+    if cfg.objective == "diffusion" and cfg.causal:
+        raise ConfigError("a diffusion denoiser must see both sides: set arch.causal=false")
+    if cfg.objective == "ar" and not cfg.causal:
+        raise ConfigError("an autoregressive model must be causal: set arch.causal=true")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"arch.dtype={cfg.dtype!r}; use float32 or bfloat16")
+    mamba_head_dim = cfg.mamba_head_dim or head_dim
+    if "M" in cfg.pattern and (cfg.mamba_expand * d) % mamba_head_dim:
+        raise ConfigError(
+            f"Mamba-2 inner width {cfg.mamba_expand * d} is not a multiple of arch.mamba_head_dim={mamba_head_dim}"
+        )
+    return dataclasses.replace(
+        cfg,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        gdn_head_dim=cfg.gdn_head_dim or head_dim,
+        mamba_head_dim=mamba_head_dim,
+    )
+
+
+def layer_kinds(cfg: ModelConfig) -> list[str]:
+    """The pattern tiled over the depth: 'GGGA' with 8 layers -> GGGAGGGA."""
+    reps = math.ceil(cfg.n_layers / len(cfg.pattern))
+    return list((cfg.pattern * reps)[: cfg.n_layers])
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    h = int(math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)) * cfg.mlp_multiple
+    return h

@@ -1,0 +1,168 @@
+"""Data: byte-level tokenizer, the embedded default corpus, user text, deterministic batches.
+
+Token ids 0..255 are bytes; EOD ends a document (and opens the next); MASK is the absorbing
+state of masked diffusion; PAD is reserved. Documents are concatenated into one stream per
+split with EOD between them; training windows are sampled from the stream so that the batch
+for step s is a pure function of (seed, s), whatever happened before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from archs.errors import ConfigError
+
+EOD, MASK, PAD = 256, 257, 258
+VOCAB = 259
+# Files are assigned to the held-out split by a hash of their relative path: stable under
+# additions to the corpus and independent of file-system order.
+_SPLIT_SALT = b"difflab-heldout-v1"
+
+
+@dataclass
+class Corpus:
+    name: str
+    sha256: str
+    n_files: int
+    train: np.ndarray  # uint16 token stream
+    heldout: np.ndarray
+
+    def describe(self) -> dict:
+        return {
+            "corpus": self.name,
+            "corpus_sha256": self.sha256,
+            "corpus_files": self.n_files,
+            "train_tokens": int(self.train.size),
+            "heldout_tokens": int(self.heldout.size),
+        }
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files() -> tuple[Path, list[Path]]:
+    root = stdlib_root()
+    files = [
+        p for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
+    ]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _user_files(paths: list[str]) -> list[tuple[str, Path]]:
+    if not paths:
+        raise ConfigError("data=text needs data.paths=[FILE_OR_DIR,...]; none were given")
+    out = []
+    for raw in paths:
+        p = Path(os.path.expanduser(str(raw)))
+        if not p.exists():
+            raise ConfigError(f"data path {str(p)!r} does not exist; fix data.paths")
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+            if not found:
+                raise ConfigError(f"data path {str(p)!r} is a directory with no files; fix data.paths")
+            out += [(q.relative_to(p).as_posix(), q) for q in found]
+        else:
+            out.append((p.name, p))
+    return out
+
+
+def _is_heldout(rel: str, fraction: float) -> bool:
+    h = hashlib.sha256(_SPLIT_SALT + rel.encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < fraction
+
+
+def _stream(docs: list[bytes]) -> np.ndarray:
+    if not docs:
+        return np.zeros((0,), np.uint16)
+    parts = []
+    for d in docs:
+        parts.append(np.frombuffer(d, np.uint8).astype(np.uint16))
+        parts.append(np.array([EOD], np.uint16))
+    return np.concatenate(parts)
+
+
+def load_corpus(name: str, paths: list[str] | None = None, heldout_fraction: float = 0.02) -> Corpus:
+    """Read a corpus and split it by file into train / held-out token streams."""
+    if name == "stdlib":
+        root, files = _stdlib_files()
+        named = [(p.relative_to(root).as_posix(), p) for p in files]
+        label = f"python{sysconfig.get_python_version()}-stdlib"
+    elif name == "text":
+        named = _user_files(list(paths or []))
+        label = "text:" + ",".join(str(p) for p in paths)
+    else:
+        raise ConfigError(f"data.name={name!r} is unknown; use data=stdlib or data=text data.paths=[...]")
+    digest = hashlib.sha256()
+    train_docs, held_docs = [], []
+    for rel, path in named:
+        blob = path.read_bytes()
+        if not blob:
+            continue
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
+        (held_docs if _is_heldout(rel, heldout_fraction) else train_docs).append(blob)
+    if not train_docs and not held_docs:
+        raise ConfigError(f"data paths {paths} hold no bytes; point data.paths at non-empty text files")
+    if not train_docs or not held_docs:
+        # Too few files to split by file (e.g. one text file): hold out the stream's tail instead.
+        stream = _stream(train_docs + held_docs)
+        cut = int(len(stream) * (1 - heldout_fraction))
+        train, held = stream[:cut], stream[cut:]
+    else:
+        train, held = _stream(train_docs), _stream(held_docs)
+    return Corpus(label, digest.hexdigest(), len(named), train, held)
+
+
+def check_windows(corpus: Corpus, seq_len: int) -> None:
+    if corpus.heldout.size < seq_len + 1:
+        raise ConfigError(
+            f"train.seq_len={seq_len} is longer than the held-out split ({corpus.heldout.size} tokens) of "
+            f"{corpus.name}; use a shorter train.seq_len or more data"
+        )
+    if corpus.train.size < seq_len + 1:
+        raise ConfigError(
+            f"train.seq_len={seq_len} is longer than the training split ({corpus.train.size} tokens); "
+            "use a shorter train.seq_len or more data"
+        )
+
+
+def train_batch(corpus: Corpus, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+    """Windows [B, seq_len + 1] for training step `step`: a pure function of (seed, step).
+
+    Column 0 is the token preceding the scored window, so AR (predict 1..T from 0..T-1) and
+    diffusion (denoise 1..T) score exactly the same bytes.
+    """
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, corpus.train.size - seq_len - 1, size=batch_size, endpoint=True)
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    return corpus.train[idx].astype(np.int32)
+
+
+def eval_windows(corpus: Corpus, seq_len: int, n_windows: int) -> np.ndarray:
+    """Fixed held-out windows [n, seq_len + 1], non-overlapping and spread over the split."""
+    check_windows(corpus, seq_len)
+    avail = (corpus.heldout.size - 1) // seq_len
+    n = max(1, min(n_windows, avail))
+    starts = (np.arange(n) * avail // n) * seq_len
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    return corpus.heldout[idx].astype(np.int32)
+
+
+def n_bytes(targets: np.ndarray) -> int:
+    """Bytes of text behind a block of target tokens (special tokens carry no bytes)."""
+    return int((np.asarray(targets) < 256).sum())
+
+
+def byte_unigram_bits(stream: np.ndarray) -> float:
+    """Entropy (bits per byte) of the byte unigram distribution: the no-context baseline."""
+    b = stream[stream < 256]
+    p = np.bincount(b, minlength=256) / max(1, b.size)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
