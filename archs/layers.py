@@ -14,6 +14,15 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+def partitioned(init, axes: tuple[str, ...]):
+    """An initializer whose variable carries logical axis names.
+
+    Variables are created unsharded (no eager sharding) and placed by the engine through
+    archs.sharding, so the same module code runs with or without a mesh.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
 def linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs, std=None, bias=False):
     """A projection whose kernel carries logical axis names (mapped to the mesh by archs.sharding)."""
     init = nnx.initializers.normal(cfg.init_std if std is None else std)
@@ -21,8 +30,8 @@ def linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rn
         d_in,
         d_out,
         use_bias=bias,
-        kernel_init=nnx.with_partitioning(init, axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        kernel_init=partitioned(init, axes),
+        bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
         rngs=rngs,
@@ -31,7 +40,7 @@ def linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rn
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "norm"):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,), eager_sharding=False)
         self.eps = eps
 
     def __call__(self, x):

@@ -15,7 +15,7 @@ from flax import nnx
 from archs.attention import Attention
 from archs.config import ModelConfig
 from archs.context import Ctx, segment_ids_from_tokens
-from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear
+from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear, partitioned
 from archs.sizes import layer_kinds, resolve
 
 EOD_ID = 256  # keep in sync with sweeps.data.EOD
@@ -65,16 +65,11 @@ def timestep_embedding(t_b, dim: int):
 
 class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        # Parameters are created unsharded and placed by the engine (archs.sharding), so the
-        # same model code runs with or without a mesh.
-        with nnx.use_eager_sharding(False):
-            self._build(resolve(cfg), rngs)
-
-    def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg = resolve(cfg)
         self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=compute_dtype(cfg),
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            embedding_init=partitioned(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
             rngs=rngs,
         )
         self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in layer_kinds(cfg)])
