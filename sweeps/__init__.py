@@ -1,0 +1,1 @@
+"""Training engine, sweeps, scaling-law fits and reports."""
