@@ -3,8 +3,14 @@
 SQLite in WAL mode with a busy timeout and short IMMEDIATE transactions, so parallel jobs
 (joblib workers, separate processes started by hand) never lose or duplicate a row and a job
 killed mid-write leaves the database consistent (SQLite's journal rolls the write back).
-Each `running` row records its process (host, pid) and a heartbeat, so rows of dead jobs are
-recognised as resumable instead of blocking their run forever.
+Each `running` row records its process (host, pid) and a heartbeat (kept fresh by a background
+thread while the run lives, through compilation and evaluation too), so rows of dead jobs are
+recognised instead of blocking their run forever: same host, the pid is gone or now belongs to a
+younger process; another host, no heartbeat for STALE_AFTER_S. `mark_dead` (called when a run
+starts and when the report loads the database) turns them into `failed` rows whose error starts
+with "interrupted"; preempted runs (SIGTERM) are `failed` with "preempted". `is_resumable` tells
+a sweep which rows to launch again (those two, and dead `running` rows) and which failures are
+final (divergence, errors inside training: re-run with sweep.retry_failed=true).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 import os
 import socket
 import sqlite3
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +78,7 @@ COLUMNS = [
     "heartbeat", "created_at", "updated_at", "config",
 ]
 STALE_AFTER_S = 600.0  # a running row on another host with no heartbeat for this long is dead
+HEARTBEAT_S = 30.0
 
 
 class ResultsDB:
@@ -157,6 +166,27 @@ class ResultsDB:
     def heartbeat(self, run_id: str) -> None:
         self.update(run_id, heartbeat=time.time())
 
+    @contextmanager
+    def beating(self, run_id: str, every: float = HEARTBEAT_S):
+        """Keep `run_id`'s heartbeat fresh from a daemon thread while the body runs (also
+        through long compilations and evaluations, when the training loop cannot)."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(every):
+                try:
+                    self.heartbeat(run_id)
+                except sqlite3.Error as e:  # a busy or briefly unavailable database: try again later
+                    print(f"warning: heartbeat of {run_id} failed ({e})", file=sys.stderr)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5.0)
+
     def add_eval(self, run_id: str, step: int, tokens: int, flops: float, eval_bpb: float, train_loss: float | None):
         with self._tx() as con:
             con.execute(
@@ -191,7 +221,42 @@ class ResultsDB:
         con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])
 
 
+# `failed` rows whose error starts with one of these were stopped from outside (SIGTERM, a dead
+# process, Ctrl-C), not by their own training: re-running resumes them from their checkpoint.
+INTERRUPTED_PREFIXES = ("interrupted", "preempted")
+
+
+def is_resumable(row: dict | None, now: float | None = None) -> bool:
+    """Should a sweep (re)launch this row's run? True for no row, a `running` row whose process
+    is gone, and a `failed` row that was interrupted rather than failed by itself (divergence,
+    an error in training: those are final unless retried on purpose)."""
+    if row is None:
+        return True
+    if row["status"] == "running":
+        return not _alive(row.get("host"), row.get("pid"), row.get("heartbeat"), time.time() if now is None else now)
+    if row["status"] == "failed":
+        return str(row.get("error") or "").startswith(INTERRUPTED_PREFIXES)
+    return False
+
+
+def _process_state(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in epoch seconds) of process `pid` from /proc; None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, in clock ticks since boot
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return fields[0], btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _alive(host: str | None, pid: int | None, heartbeat: float | None, now: float) -> bool:
+    """Is the process that owns a `running` row still at work?
+
+    Same host: its pid exists, is not a zombie, and is not a newer process that reused the pid
+    (one started after the row's last heartbeat). Another host: its heartbeat is recent (a live run beats
+    every HEARTBEAT_S from a background thread, through compilation and evaluation too).
+    """
     if pid is None:
         return False
     if host == socket.gethostname():
@@ -202,6 +267,13 @@ def _alive(host: str | None, pid: int | None, heartbeat: float | None, now: floa
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass
+        proc = _process_state(pid)
+        if proc is not None:
+            state, started = proc
+            if state in ("Z", "X"):
+                return False  # killed, not yet reaped by its parent
+            if heartbeat is not None and started > heartbeat + 5.0:
+                return False  # the pid was reused by a process younger than the row's last heartbeat
         return True
     return heartbeat is not None and now - heartbeat < STALE_AFTER_S

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -29,9 +30,8 @@ from archs.errors import ConfigError
 from archs.flops import flops_per_token
 from archs.model import Model, count_params
 from archs.objective import make_objective
-from archs.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings
+from archs.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings, replicated
 from archs.sizes import resolve
-from sweeps import checkpoint as ckpt
 from sweeps.data import check_windows, eval_windows, load_corpus, n_bytes, train_batch
 from sweeps.results import ResultsDB
 
@@ -125,6 +125,23 @@ class Plan:
     mesh_shape: tuple[int, int, int]
 
 
+def check_train_settings(cfg) -> None:
+    """Settings that would otherwise fail only after compilation (or mid-run)."""
+    t, o = cfg.train, cfg.optim
+    for key, low in (("log_every", 1), ("evals", 1), ("eval_windows", 1), ("eval_batch", 1),
+                     ("keep_checkpoints", 1), ("eval_every", 0), ("checkpoint_every_steps", 0)):
+        if t[key] < low:
+            raise ConfigError(f"train.{key}={t[key]} must be >= {low}")
+    if not t.checkpoint_every_s >= 0:
+        raise ConfigError(f"train.checkpoint_every_s={t.checkpoint_every_s} must be >= 0 (seconds between checkpoints)")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr={o.lr} must be a positive number")
+    if o.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"optim.schedule={o.schedule!r}; use 'cosine' or 'wsd'")
+    if not 0 <= o.warmup_frac <= 1 or not 0 <= o.decay_frac <= 1:
+        raise ConfigError(f"optim.warmup_frac={o.warmup_frac} and optim.decay_frac={o.decay_frac} must lie in [0, 1]")
+
+
 def plan_run(cfg, n_devices: int) -> Plan:
     check_arch_chosen(cfg)
     model_cfg = resolve(to_model_config(cfg.arch))
@@ -143,6 +160,7 @@ def plan_run(cfg, n_devices: int) -> Plan:
             f"train.batch_size={t.batch_size} does not split over data x fsdp = {shape[0] * shape[1]} devices; "
             "make the batch a multiple of it"
         )
+    check_train_settings(cfg)
     steps = math.ceil(t.tokens / tokens_per_step)
     fpt = flops_per_token(model_cfg, t.seq_len)
     tokens = steps * tokens_per_step
@@ -171,7 +189,11 @@ class Trainer:
         # Optimizer moments take their parameter's sharding by XLA's propagation through
         # zeros_like; read it back once so restores and the step use the same layout.
         params = jax.device_put(self._init_params, self.param_sharding)
-        self.opt_sharding = jax.tree.map(lambda x: x.sharding, jax.jit(self.tx.init)(params))
+        # Scalars (step counts) come back on one device: replicate them over the mesh.
+        full = replicated(self.mesh)
+        self.opt_sharding = jax.tree.map(
+            lambda x: x.sharding if len(x.sharding.device_set) == self.mesh.size else full,
+            jax.jit(self.tx.init)(params))
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None),
@@ -242,20 +264,24 @@ class _SigtermFlag:
     def __init__(self):
         self.hit = False
         self._prev = None
+        self._installed = False
 
     def __enter__(self):
         try:
             self._prev = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread (e.g. some launchers): no handler
             self._prev = None
         return self
 
     def _handle(self, signum, frame):
+        if not self.hit:  # os.write: print() is not safe inside a signal handler
+            os.write(2, b"SIGTERM received: saving a checkpoint after the current step\n")
         self.hit = True
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
 
 
 def run_dir(cfg, run_id: str) -> Path:
@@ -263,32 +289,64 @@ def run_dir(cfg, run_id: str) -> Path:
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records after `step`, so a resumed run's log equals an uninterrupted one."""
+    """Drop records after `step` (and any line a kill cut short), so a resumed run's log equals
+    an uninterrupted one. Rewritten atomically: a kill during the rewrite loses nothing."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue  # a partial line from a killed writer
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _error_text(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt); re-run the same command to resume from its last checkpoint"
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 def train(cfg, *, budget: float | None = None, sweep: str | None = None, devices=None) -> dict:
     """Train one model as configured and record it. Returns the results row.
 
-    Raises ConfigError (bad input, nothing written), Preempted (SIGTERM; checkpoint saved).
-    Divergence is recorded as a failed row and returned, not raised, so sweeps go on.
+    Raises ConfigError (bad input, detected before anything compiles; nothing written) and
+    Preempted (SIGTERM; checkpoint saved, row `failed` with a 'preempted' error until resumed).
+    Divergence is recorded as a failed row and returned, not raised, so sweeps go on. Any
+    other exception marks the row failed with its text and propagates.
     """
     devices = list(devices if devices is not None else jax.devices())
     plan = plan_run(cfg, len(devices))
     corpus = load_corpus(cfg.data.name, list(cfg.data.paths), cfg.data.heldout_fraction)
     check_windows(corpus, cfg.train.seq_len)
+    windows = eval_windows(corpus, cfg.train.seq_len, cfg.train.eval_windows)
+    n_batch_devices = plan.mesh_shape[0] * plan.mesh_shape[1]
+    if len(windows) < n_batch_devices:
+        raise ConfigError(
+            f"only {len(windows)} held-out windows of train.seq_len={cfg.train.seq_len} tokens, fewer than the "
+            f"{n_batch_devices} devices of the data axes; raise train.eval_windows, use more held-out data or fewer devices"
+        )
     run_id = cfg.run_id or run_id_for(cfg)
-    db = ResultsDB(cfg.root)
-    rdir = run_dir(cfg, run_id)
-    mc = plan.model_cfg
+    with _SigtermFlag() as sigterm:
+        return _train(cfg, plan, corpus, windows, run_id, devices, sigterm, budget, sweep)
 
-    trainer = Trainer(cfg, plan, devices)
-    row = {
-        "arch": mc.name, "params": trainer.n_params, "nonembed_params": trainer.n_nonembed,
-        "tokens": plan.tokens, "flops": plan.flops, "size": mc.size, "d_model": mc.d_model,
+
+def _train(cfg, plan: Plan, corpus, windows, run_id: str, devices, sigterm: _SigtermFlag, budget, sweep) -> dict:
+    db = ResultsDB(cfg.root)
+    for dead in db.mark_dead():
+        if dead != run_id:
+            print(f"warning: run {dead} was left running by a process that is gone; marked failed "
+                  "(re-run its command to resume it)", file=sys.stderr)
+    mc = plan.model_cfg
+    row = {  # params / nonembed_params follow once the model is built
+        "arch": mc.name, "tokens": plan.tokens, "flops": plan.flops, "size": mc.size, "d_model": mc.d_model,
         "n_layers": mc.n_layers, "pattern": mc.pattern, "objective": mc.objective,
         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size, "lr": plan.peak_lr,
         "seed": cfg.seed, "steps": plan.steps, "budget": budget, "sweep": sweep,
@@ -302,95 +360,131 @@ def train(cfg, *, budget: float | None = None, sweep: str | None = None, devices
         return db.get(run_id)
     if claim == "busy":
         raise ConfigError(f"run {run_id} is being trained by another live process; wait for it or kill it")
+    prior_wall = float((db.get(run_id) or {}).get("wall_s") or 0.0)  # earlier, interrupted attempts
+    t0 = time.time()
+    try:
+        with db.beating(run_id):
+            # Built after the claim: a run another process is training is not built twice, and a
+            # failure while building or compiling (e.g. out of memory) lands in the row too.
+            trainer = Trainer(cfg, plan, devices)
+            db.update(run_id, params=trainer.n_params, nonembed_params=trainer.n_nonembed)
+            return _train_claimed(cfg, plan, corpus, windows, run_id, trainer, db, sigterm, prior_wall, t0)
+    except Preempted as e:
+        _record_failure(db, run_id, f"preempted: {e}", prior_wall + time.time() - t0)
+        raise
+    except BaseException as e:  # XLA errors, out of memory, disk full, Ctrl-C: never leave it `running`
+        _record_failure(db, run_id, _error_text(e), prior_wall + time.time() - t0)
+        raise
 
+
+def _record_failure(db: ResultsDB, run_id: str, error: str, wall: float) -> None:
+    try:
+        db.update(run_id, status="failed", error=error, eval_bpb=None, pid=None, heartbeat=time.time(), wall_s=wall)
+    except Exception as e:  # noqa: BLE001 - the original exception matters more; mark_dead catches the row later
+        print(f"warning: could not mark run {run_id} failed in the results database ({e})", file=sys.stderr)
+
+
+def _train_claimed(cfg, plan: Plan, corpus, windows, run_id: str, trainer: Trainer, db: ResultsDB,
+                   sigterm: _SigtermFlag, prior_wall: float, t0: float) -> dict:
+    from sweeps import checkpoint as ckpt  # orbax: imported only once a run really starts
+
+    mc = plan.model_cfg
+    rdir = run_dir(cfg, run_id)
     rdir.mkdir(parents=True, exist_ok=True)
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
-    windows = eval_windows(corpus, cfg.train.seq_len, cfg.train.eval_windows)
 
-    checkpointer = ckpt.Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints)
-    params, opt_state = trainer.init_state()
-    start = 0
-    restored = checkpointer.restore_latest(*trainer.abstract_state())
-    if restored is not None:
-        start, params, opt_state = restored
-        print(f"{run_id}: resumed from step {start}", file=sys.stderr)
-    metrics_path = rdir / "metrics.jsonl"
-    _truncate_jsonl(metrics_path, start)
-    db.drop_evals_after(run_id, start)
-
-    eval_every = cfg.train.eval_every or max(1, plan.steps // max(1, cfg.train.evals))
-    writer = None
-    if cfg.train.tensorboard:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(rdir / "tb"), purge_step=start + 1 if start else None)
-    from tqdm import tqdm
-
-    bar = tqdm(total=plan.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.train.progress,
-               desc=run_id[:40], file=sys.stderr, mininterval=1.0)
-    t0, last_ckpt, last_beat = time.time(), time.time(), time.time()
-    timed_tokens, timed_since = 0, time.time()
-    eval_bpb, loss = None, float("nan")
-    error = None
+    checkpointer = ckpt.Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True)
+    writer = bar = None
     try:
-        with _SigtermFlag() as sigterm, metrics_path.open("a") as log:
-            for step in range(start, plan.steps):
-                batch = train_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
-                params, opt_state, m = trainer.step(params, opt_state, batch, step)
-                loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-                done_steps = step + 1
-                if not math.isfinite(loss) or not math.isfinite(gnorm):
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    raise Diverged(f"non-finite {what} at step {step}")
-                timed_tokens += plan.tokens_per_step
-                rec = {"step": done_steps, "tokens": done_steps * plan.tokens_per_step, "loss": loss,
-                       "grad_norm": gnorm, "lr": float(trainer.lr_schedule(step))}
-                is_eval = done_steps % eval_every == 0 or done_steps == plan.steps
-                if is_eval:
-                    eval_bpb = trainer.evaluate(params, windows)
-                    rec["eval_bpb"] = eval_bpb
-                    db.add_eval(run_id, done_steps, rec["tokens"], done_steps * plan.tokens_per_step * plan.flops_per_token,
-                                eval_bpb, loss)
-                if is_eval or done_steps % cfg.train.log_every == 0:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k, v in rec.items():
-                            if k != "step":
-                                writer.add_scalar(k, v, done_steps)
-                now = time.time()
-                tps = timed_tokens / max(1e-9, now - timed_since)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
-                                **({"bpb": f"{eval_bpb:.3f}"} if eval_bpb is not None else {}), refresh=False)
-                bar.update(1)
-                due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or (
-                    cfg.train.checkpoint_every_steps and done_steps % cfg.train.checkpoint_every_steps == 0)
-                if sigterm.hit:
-                    checkpointer.save(done_steps, params, opt_state)
-                    checkpointer.wait()
-                    db.update(run_id, pid=None, heartbeat=time.time(), tokens_per_s=tps)
-                    raise Preempted(f"{run_id}: SIGTERM at step {done_steps}; checkpoint saved, re-run the same command to resume")
-                if due and done_steps < plan.steps:
-                    checkpointer.save(done_steps, params, opt_state)
-                    last_ckpt = now
-                if now - last_beat > 30:
-                    db.heartbeat(run_id)
-                    last_beat = now
-        checkpointer.save(plan.steps, params, opt_state)  # the trained model, for sampling
-        checkpointer.wait()
-    except Diverged as e:
-        error = str(e)
+        params, opt_state = trainer.init_state()
+        start = 0
+        restored = checkpointer.restore_latest(*trainer.abstract_state())
+        if restored is not None:
+            start, params, opt_state = restored
+            print(f"{run_id}: resumed from step {start}", file=sys.stderr)
+        metrics_path = rdir / "metrics.jsonl"
+        _truncate_jsonl(metrics_path, start)
+        db.drop_evals_after(run_id, start)
+        if sigterm.hit:
+            raise Preempted(f"{run_id}: SIGTERM before training started; nothing new to save, "
+                            f"re-run the same command to resume from step {start}")
+
+        eval_every = cfg.train.eval_every or max(1, plan.steps // max(1, cfg.train.evals))
+        if cfg.train.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(str(rdir / "tb"), purge_step=start + 1 if start else None)
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.train.progress,
+                   desc=run_id[:40], file=sys.stderr, mininterval=1.0)
+        last_ckpt = time.time()
+        timed_tokens, timed_since = 0, time.time()
+        eval_bpb, error = None, None
+        every_steps = cfg.train.checkpoint_every_steps
+        try:
+            with metrics_path.open("a") as log:
+                for step in range(start, plan.steps):
+                    batch = train_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
+                    params, opt_state, m = trainer.step(params, opt_state, batch, step)
+                    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                    done_steps = step + 1
+                    if not math.isfinite(loss) or not math.isfinite(gnorm):
+                        what = "loss" if not math.isfinite(loss) else "gradient norm"
+                        raise Diverged(f"non-finite {what} at step {done_steps} (loss={loss}, grad_norm={gnorm}); "
+                                       "try a lower optim.lr")
+                    timed_tokens += plan.tokens_per_step
+                    rec = {"step": done_steps, "tokens": done_steps * plan.tokens_per_step, "loss": loss,
+                           "grad_norm": gnorm, "lr": float(trainer.lr_schedule(step))}
+                    is_eval = done_steps % eval_every == 0 or done_steps == plan.steps
+                    if is_eval:
+                        eval_bpb = trainer.evaluate(params, windows)
+                        rec["eval_bpb"] = eval_bpb
+                        db.add_eval(run_id, done_steps, rec["tokens"],
+                                    done_steps * plan.tokens_per_step * plan.flops_per_token, eval_bpb, loss)
+                    if is_eval or done_steps % cfg.train.log_every == 0:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            for k, v in rec.items():
+                                if k != "step":
+                                    writer.add_scalar(k, v, done_steps)
+                    now = time.time()
+                    tps = timed_tokens / max(1e-9, now - timed_since)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
+                                    **({"bpb": f"{eval_bpb:.3f}"} if eval_bpb is not None else {}), refresh=False)
+                    bar.update(1)
+                    if done_steps == plan.steps:
+                        break  # the final checkpoint follows (also when SIGTERM came with the last step)
+                    if sigterm.hit:
+                        checkpointer.save(done_steps, params, opt_state)
+                        checkpointer.wait()
+                        raise Preempted(f"{run_id}: SIGTERM at step {done_steps}; checkpoint saved, "
+                                        "re-run the same command to resume")
+                    due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or (
+                        every_steps and done_steps % every_steps == 0)
+                    if due:
+                        checkpointer.save(done_steps, params, opt_state)
+                        last_ckpt = now
+                    checkpointer.poll()
+            if eval_bpb is None:  # resumed from the final checkpoint: nothing left to train
+                eval_bpb = trainer.evaluate(params, windows)
+            checkpointer.save(plan.steps, params, opt_state)  # the trained model, for sampling
+            checkpointer.wait()
+        except Diverged as e:
+            error = str(e)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
         checkpointer.close()
-    wall = time.time() - t0
     final = {
         "status": "failed" if error else "done", "error": error, "eval_bpb": None if error else eval_bpb,
-        "wall_s": wall, "tokens_per_s": timed_tokens / max(1e-9, time.time() - timed_since), "pid": None,
-        "heartbeat": time.time(),
+        "wall_s": prior_wall + time.time() - t0,
+        "tokens_per_s": timed_tokens / max(1e-9, time.time() - timed_since) if timed_tokens else None,
+        "pid": None, "heartbeat": time.time(),
     }
     db.update(run_id, **final)
     result = db.get(run_id)
