@@ -145,6 +145,7 @@ def check_train_settings(cfg) -> None:
 def plan_run(cfg, n_devices: int) -> Plan:
     check_arch_chosen(cfg)
     model_cfg = resolve(to_model_config(cfg.arch))
+    make_objective(model_cfg)  # checks objective-specific settings (arch.diffusion.*) before anything is written
     t = cfg.train
     if t.batch_size < 1 or t.seq_len < 1:
         raise ConfigError(f"train.batch_size={t.batch_size} and train.seq_len={t.seq_len} must be positive")
@@ -177,23 +178,25 @@ class Trainer:
     def __init__(self, cfg, plan: Plan, devices=None):
         self.cfg, self.plan = cfg, plan
         self.mesh = make_mesh(cfg.mesh, devices)
-        model = Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))
-        self.n_params, self.n_nonembed = count_params(model)
-        self.graphdef, state = nnx.split(model)
-        self.param_sharding = param_shardings(state, self.mesh).to_pure_dict()
-        self._init_params = state.to_pure_dict()
+        # Build the model abstractly, then initialise every parameter in one compiled call
+        # placed straight into its sharding (eager init compiles each initializer separately).
+        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))  # noqa: E731
+        abstract = nnx.eval_shape(make)
+        self.n_params, self.n_nonembed = count_params(abstract)
+        self.graphdef, abs_state = nnx.split(abstract)
+        self.param_sharding = param_shardings(abs_state, self.mesh).to_pure_dict()
+        self._abs_params = nnx.to_pure_dict(abs_state)
+        self._init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=self.param_sharding)
         self.objective = make_objective(plan.model_cfg)
         self.tx, self.lr_schedule = make_optimizer(cfg.optim, plan.steps, plan.peak_lr)
         self.key = jax.random.key(cfg.seed)
         self.batch_sharding = batch_sharding(self.mesh)
         # Optimizer moments take their parameter's sharding by XLA's propagation through
-        # zeros_like; read it back once so restores and the step use the same layout.
-        params = jax.device_put(self._init_params, self.param_sharding)
-        # Scalars (step counts) come back on one device: replicate them over the mesh.
+        # zeros_like; scalars (step counts) come back on one device: replicate them.
         full = replicated(self.mesh)
+        opt_shardings = jax.jit(self.tx.init).lower(self._abstract_params()).compile().output_shardings
         self.opt_sharding = jax.tree.map(
-            lambda x: x.sharding if len(x.sharding.device_set) == self.mesh.size else full,
-            jax.jit(self.tx.init)(params))
+            lambda s: s if len(s.device_set) == self.mesh.size else full, opt_shardings)
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None),
@@ -203,15 +206,18 @@ class Trainer:
         self._eval = jax.jit(self._eval_nats, in_shardings=(self.param_sharding, self.batch_sharding, None))
 
     def init_state(self):
-        params = jax.device_put(self._init_params, self.param_sharding)
+        params = self._init_params()
         opt = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
         return params, opt
 
+    def _abstract_params(self):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self._abs_params, self.param_sharding)
+
     def abstract_state(self):
-        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              self._init_params, self.param_sharding)
+        params = self._abstract_params()
         opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           jax.eval_shape(self.tx.init, self._init_params), self.opt_sharding)
+                           jax.eval_shape(self.tx.init, params), self.opt_sharding)
         return params, opt
 
     def model(self, params) -> Model:
@@ -223,7 +229,7 @@ class Trainer:
     def _train_step(self, params, opt_state, batch, step):
         rng = jax.random.fold_in(self.key, step)
         (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **aux}
