@@ -7,7 +7,7 @@ composition time, before any data is read or anything compiles.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -73,9 +73,26 @@ class SweepConfig:
     # grid point, e.g. {"optim.lr": [1e-3, 3e-3]} for a learning-rate scan.
     grid: dict[str, list[Any]] = field(default_factory=dict)
     min_steps: int = 20  # grid points with fewer training steps are dropped (too small to mean anything)
+    # Grid points whose tokens per parameter (N = flops_per_token / 6) fall outside these bounds are
+    # dropped: far from the compute-optimal ratio they cost their budget and do not shape the parabola.
+    min_tokens_per_param: Optional[float] = None
+    max_tokens_per_param: Optional[float] = None
     group_by: list[str] = field(default_factory=lambda: ["arch"])  # report grouping (any config key)
-    bootstrap: int = 1000
-    report: bool = True
+    bootstrap: int = 1000  # bootstrap resamples for the confidence intervals of the fits
+    report: bool = True  # fit and draw ROOT/report after the sweep
+    retry_failed: bool = False  # re-train runs recorded as failed (diverged) instead of skipping them
+    dry_run: bool = False  # print the grid and what would be trained, launch nothing
+
+
+@dataclass
+class BenchConfig:
+    """`python -m sweeps.bench`: train-step throughput against the measured matmul peak."""
+
+    size: str = "bench20m"  # ~19M non-embedding parameters with the transformer pattern
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 8  # timed steps after warm-up
+    matmul_n: int = 2048  # square fp32 matmul used to measure the peak
 
 
 @dataclass
@@ -86,9 +103,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     root: str = "runs"
     run_id: str = ""  # empty: derived from the config, so re-running finds its own row
+    budget: Optional[float] = None  # the IsoFLOP budget (training FLOPs) this run belongs to; set by the sweeper
 
 
 def register_configs() -> None:
