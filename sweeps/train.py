@@ -104,11 +104,23 @@ def make_optimizer(optim, total_steps: int, peak_lr: float):
         raise ConfigError(f"optim.schedule={optim.schedule!r}; use 'cosine' or 'wsd'")
     # No weight decay on norms and biases (vectors); decay matrices and embeddings.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    # The learning rate is an input of the compiled step (set from `sched` on the host each
+    # step), not a constant baked into it: every run of one shape then shares one executable,
+    # whatever its length, which is what makes sweeps of many small runs cheap to compile.
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip),
-        optax.adamw(sched, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask),
+        optax.inject_hyperparams(optax.adamw)(
+            learning_rate=peak_lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+            weight_decay=optim.weight_decay, mask=decay_mask),
     )
     return tx, sched
+
+
+def with_learning_rate(opt_state, lr):
+    """The optimizer state with the injected learning rate replaced (see make_optimizer)."""
+    clip_state, adam_state = opt_state
+    hyper = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return clip_state, adam_state._replace(hyperparams=hyper)
 
 
 @dataclasses.dataclass
@@ -199,7 +211,7 @@ class Trainer:
             lambda s: s if len(s.device_set) == self.mesh.size else full, opt_shardings)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None),
+            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None, None),
             out_shardings=(self.param_sharding, self.opt_sharding, None),
             donate_argnums=(0, 1),
         )
@@ -226,7 +238,8 @@ class Trainer:
     def _loss(self, params, batch, rng):
         return self.objective.loss(self.model(params), batch, rng)
 
-    def _train_step(self, params, opt_state, batch, step):
+    def _train_step(self, params, opt_state, batch, step, lr):
+        opt_state = with_learning_rate(opt_state, lr)
         rng = jax.random.fold_in(self.key, step)
         (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)
         grad_norm = optax.tree.norm(grads)
@@ -239,7 +252,8 @@ class Trainer:
 
     def step(self, params, opt_state, batch_np, step: int):
         batch = jax.device_put(jnp.asarray(batch_np), self.batch_sharding)
-        return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+        lr = jnp.asarray(self.lr_schedule(step), jnp.float32)
+        return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32), lr)
 
     def evaluate(self, params, windows_np: np.ndarray) -> float:
         """Held-out bits per byte over fixed windows (for diffusion: the NELBO upper bound)."""
