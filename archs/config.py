@@ -19,7 +19,9 @@ class DiffusionConfig:
     schedule: str = "loglinear"  # loglinear (alpha_t = 1 - t) | cosine
     eps: float = 1e-3  # t is clipped to [eps, 1]
     antithetic: bool = True  # stratified t_i = (u + i / n) mod 1 across the batch
-    normalize: str = "tokens"  # tokens: NELBO / sequence length | masked: LLaDA-style per masked token count
+    # tokens: NELBO / sequence length (MDLM; equals LLaDA's pre-training eq. for fixed-length windows)
+    # | masked: normalised by the realised masked-token count (see diffusion/objective.py)
+    normalize: str = "tokens"
     time_conditioning: bool = False
     eval_samples: int = 4  # K Monte Carlo t samples per held-out window
 

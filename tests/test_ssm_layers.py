@@ -185,6 +185,7 @@ def test_flop_breakdown_scales_linearly():
 # --- (d) a hybrid run end to end -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~35 s end to end; the CLI path is covered in the default run by tests/test_engine.py
 def test_hybrid_single_run_lands_done_row(tmp_path):
     # 4 layers so the tiled GGGA pattern includes its attention layer (xxs alone has 2).
     xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
