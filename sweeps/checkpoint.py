@@ -41,6 +41,37 @@ class _DropUnretrievedTaskErrors(logging.Filter):
 _ASYNCIO_FILTER = _DropUnretrievedTaskErrors()
 
 
+def _is_closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed restore, TensorStore reads still in flight call back into Orbax's closed
+    asyncio loop from native threads; each prints an 'Event loop is closed' traceback although
+    nothing is wrong (we already moved on to an older checkpoint). Drop exactly that error from
+    the process's exception hooks; everything else is still reported as before."""
+    import threading
+
+    if getattr(sys, "_difflab_closed_loop_filter", False):
+        return
+    sys._difflab_closed_loop_filter = True
+    prev_except, prev_thread, prev_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
+
+    def excepthook(tp, exc, tb):
+        if not _is_closed_loop_error(exc):
+            prev_except(tp, exc, tb)
+
+    def thread_hook(args):
+        if not _is_closed_loop_error(args.exc_value):
+            prev_thread(args)
+
+    def unraisable(args):
+        if not _is_closed_loop_error(args.exc_value):
+            prev_unraisable(args)
+
+    sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """Silence Orbax's own error logging while we try checkpoints that may be damaged."""
@@ -157,6 +188,7 @@ class Checkpointer:
         return sorted(self.mngr.all_steps(), reverse=True)
 
     def _unusable(self, step: int, why: str) -> None:
+        _drop_closed_loop_noise()
         print(f"warning: checkpoint at step {step} is unreadable ({why}); trying the previous one", file=sys.stderr)
         if not self.owner:
             return
