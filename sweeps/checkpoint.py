@@ -199,9 +199,9 @@ class Checkpointer:
         (self.integrity_dir / f"{step}.json").unlink(missing_ok=True)
         self.mngr.reload()
 
-    def restore_latest(self, abstract_params, abstract_opt):
-        """(step, params, opt_state) from the newest readable checkpoint, or None."""
-        target = {"params": abstract_params, "opt": abstract_opt}
+    def _first_readable(self, restore_one):
+        """(step, restore_one(step)) for the newest checkpoint that passes its integrity check
+        and restores; damaged ones are reported (and set aside by the owner) on the way."""
         for step in self.steps():
             bad = self.check_integrity(step)
             if bad:
@@ -209,12 +209,16 @@ class Checkpointer:
                 continue
             try:
                 with _quiet_orbax():
-                    out = self.mngr.restore(step, args=ocp.args.StandardRestore(target))
+                    return step, restore_one(step)
             except Exception as e:  # noqa: BLE001 - any failure means "unusable", try an older one
                 self._unusable(step, _first_line(e))
-                continue
-            return step, out["params"], out["opt"]
         return None
+
+    def restore_latest(self, abstract_params, abstract_opt):
+        """(step, params, opt_state) from the newest readable checkpoint, or None."""
+        target = {"params": abstract_params, "opt": abstract_opt}
+        got = self._first_readable(lambda step: self.mngr.restore(step, args=ocp.args.StandardRestore(target)))
+        return None if got is None else (got[0], got[1]["params"], got[1]["opt"])
 
     def restore_params(self, abstract_params):
         """Parameters only (for sampling and evaluation), newest readable checkpoint."""
@@ -227,19 +231,8 @@ class Checkpointer:
                                       partial_restore=True)
         reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
         try:
-            for step in self.steps():
-                bad = self.check_integrity(step)
-                if bad:
-                    self._unusable(step, bad)
-                    continue
-                try:
-                    with _quiet_orbax():
-                        out = reader.restore(step, args=args)
-                except Exception as e:  # noqa: BLE001
-                    self._unusable(step, _first_line(e))
-                    continue
-                return step, out["params"]
-            return None
+            got = self._first_readable(lambda step: reader.restore(step, args=args))
+            return None if got is None else (got[0], got[1]["params"])
         finally:
             reader.close()
 

@@ -677,19 +677,24 @@ def _fast_bootstrap(L, core, delta, n, seed, to_params, chunk=1000, extra_starts
     return samples, int(ok.sum()), n_conv, S.shape[0]
 
 
+def _bootstrapped(Lv, core, huber_delta, n, seed, ci, to_params) -> dict[str, Any]:
+    """Point estimate of a fitted core plus its fast bootstrap, in the bootstrap result format."""
+    est = to_params(core["theta"], core["z0"])
+    est_full = dict(est)
+    est_full.update(_diagnostics(core, huber_delta, Lv.size))
+    samples, n_ok, n_conv, n_ws = _fast_bootstrap(Lv, core, huber_delta, n, seed, to_params)
+    out = dict(est)
+    out.update({"fit": est_full, "ci": _percentile_ci(samples, ci), "samples": samples, "n": n_ok,
+                "n_requested": n, "n_converged": n_conv, "n_warm_starts": n_ws, "ci_level": ci})
+    return out
+
+
 def fit_chinchilla_bootstrap(N, D, L, n: int = 1000, seed: int = 0, ci: float = 0.95, *,
                              huber_delta: float = 1e-3) -> dict[str, Any]:
     """Approach-3 fit plus ``n`` bootstrap refits (batched, warm-started); see the module docstring."""
     logX, Lv = _chinchilla_inputs(N, D, L)
     core = _fit_power_sum(logX, Lv, delta=huber_delta)
-    est = _chinchilla_params(core["theta"], core["z0"])
-    est_full = dict(est)
-    est_full.update(_diagnostics(core, huber_delta, Lv.size))
-    samples, n_ok, n_conv, n_ws = _fast_bootstrap(Lv, core, huber_delta, n, seed, _chinchilla_params)
-    out = dict(est)
-    out.update({"fit": est_full, "ci": _percentile_ci(samples, ci), "samples": samples, "n": n_ok,
-                "n_requested": n, "n_converged": n_conv, "n_warm_starts": n_ws, "ci_level": ci})
-    return out
+    return _bootstrapped(Lv, core, huber_delta, n, seed, ci, _chinchilla_params)
 
 
 def fit_compute_law_bootstrap(C, L, n: int = 1000, seed: int = 0, ci: float = 0.95, *,
@@ -699,14 +704,7 @@ def fit_compute_law_bootstrap(C, L, n: int = 1000, seed: int = 0, ci: float = 0.
     Cv, Lv = _compute_law_inputs(C, L, frontier, n_bins, monotone)
     logX = np.log(Cv)[:, None]
     core = _fit_power_sum(logX, Lv, delta=huber_delta, n_starts=6)
-    est = _compute_law_params(core["theta"], core["z0"])
-    est_full = dict(est)
-    est_full.update(_diagnostics(core, huber_delta, Lv.size))
-    samples, n_ok, n_conv, n_ws = _fast_bootstrap(Lv, core, huber_delta, n, seed, _compute_law_params)
-    out = dict(est)
-    out.update({"fit": est_full, "ci": _percentile_ci(samples, ci), "samples": samples, "n": n_ok,
-                "n_requested": n, "n_converged": n_conv, "n_warm_starts": n_ws, "ci_level": ci})
-    return out
+    return _bootstrapped(Lv, core, huber_delta, n, seed, ci, _compute_law_params)
 
 
 # ----------------------------------------------------------------------------------------------------------
