@@ -18,6 +18,7 @@ resumed run can save that step again.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -41,32 +42,52 @@ class _DropUnretrievedTaskErrors(logging.Filter):
 _ASYNCIO_FILTER = _DropUnretrievedTaskErrors()
 
 
-def _is_closed_loop_error(exc) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+def _from_orbax(exc, obj=None) -> bool:
+    """Whether an uncatchable error was raised inside Orbax's own restore machinery."""
+    root = str(Path(ocp.__file__).resolve().parent.parent)  # site-packages/orbax
+    code = getattr(obj, "cr_code", None)  # an abandoned coroutine being garbage-collected
+    if code is not None and code.co_filename.startswith(root):
+        return True
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(root):
+            return True
+        tb = tb.tb_next
+    return False
 
 
-def _drop_closed_loop_noise() -> None:
-    """After a failed restore, TensorStore reads still in flight call back into Orbax's closed
-    asyncio loop from native threads; each prints an 'Event loop is closed' traceback although
-    nothing is wrong (we already moved on to an older checkpoint). Drop exactly that error from
-    the process's exception hooks; everything else is still reported as before."""
+def _is_restore_noise(exc, obj=None) -> bool:
+    closed_loop = isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+    return closed_loop or _from_orbax(exc, obj)
+
+
+def _drop_failed_restore_noise() -> None:
+    """After a failed restore (which we report ourselves, in one line) Orbax leaves work behind
+    that nobody can catch: sibling read coroutines are garbage-collected with their errors
+    ('Exception ignored in <coroutine _read_array_index_and_device_put>', 'coroutine ... was
+    never awaited'), and TensorStore reads still in flight call back into the closed asyncio
+    loop from native threads ('Event loop is closed'). Each prints a full traceback although
+    nothing is wrong: we have moved on to an older checkpoint. From the first failed restore on,
+    drop exactly those from the process's hooks; everything else is still reported."""
     import threading
+    import warnings
 
-    if getattr(sys, "_difflab_closed_loop_filter", False):
+    if getattr(sys, "_difflab_restore_noise_filter", False):
         return
-    sys._difflab_closed_loop_filter = True
+    sys._difflab_restore_noise_filter = True
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     prev_except, prev_thread, prev_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
 
     def excepthook(tp, exc, tb):
-        if not _is_closed_loop_error(exc):
+        if not _is_restore_noise(exc):
             prev_except(tp, exc, tb)
 
     def thread_hook(args):
-        if not _is_closed_loop_error(args.exc_value):
+        if not _is_restore_noise(args.exc_value):
             prev_thread(args)
 
     def unraisable(args):
-        if not _is_closed_loop_error(args.exc_value):
+        if not _is_restore_noise(args.exc_value, args.object):
             prev_unraisable(args)
 
     sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable
@@ -188,7 +209,8 @@ class Checkpointer:
         return sorted(self.mngr.all_steps(), reverse=True)
 
     def _unusable(self, step: int, why: str) -> None:
-        _drop_closed_loop_noise()
+        _drop_failed_restore_noise()
+        gc.collect()  # abandoned read coroutines go now, while the filter is in place
         print(f"warning: checkpoint at step {step} is unreadable ({why}); trying the previous one", file=sys.stderr)
         if not self.owner:
             return
