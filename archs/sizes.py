@@ -17,6 +17,7 @@ from archs.errors import ConfigError
 
 ASPECT = 32  # d_model / n_layers
 WIDTH_MULTIPLE = 64
+MIN_WIDTH = 32  # widths below 64 (one 32-dim head) exist for CPU-sized sweeps; their bracket is 32
 
 # name -> (d_model, n_layers, n_heads); heads of 32 dims below 256 wide, 64 above.
 SIZES = {
@@ -31,7 +32,7 @@ SIZES = {
 
 
 def _parse_count(size: str) -> float | None:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", size)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kKmMbB]?)\s*", size)
     if not m:
         return None
     mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
@@ -50,7 +51,8 @@ def shape_for_size(size: str) -> tuple[int, int, int]:
         )
     # 12 d^2 * (d / ASPECT) = target  ->  d = (target * ASPECT / 12)^(1/3)
     d = (target * ASPECT / 12) ** (1 / 3)
-    d = max(WIDTH_MULTIPLE, int(round(d / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
+    step = WIDTH_MULTIPLE if d >= WIDTH_MULTIPLE else MIN_WIDTH
+    d = max(MIN_WIDTH, int(round(d / step)) * step)
     n_layers = max(1, int(round(target / (12 * d * d))))
     head_dim = 32 if d < 256 else 64
     return d, n_layers, d // head_dim

@@ -180,7 +180,7 @@ def test_real_denoiser_never_produces_mask_and_trains():
 def test_config_composes_and_rejects_bad_values():
     from archs.objective import make_objective
     from sweeps.train import to_model_config
-    from tests.conftest import compose
+    from conftest import compose
 
     cfg = compose(["+arch=diffusion", "sweep=none"])
     mc = to_model_config(cfg.arch)
@@ -269,7 +269,7 @@ def test_diffusion_bound_between_ar_nll_and_unigram(tmp_path):
     (it learned context)."""
     from sweeps.data import byte_unigram_bits, load_corpus
     from sweeps.train import train
-    from tests.conftest import compose
+    from conftest import compose
 
     common = ["sweep=none", f"root={tmp_path}", "train.progress=false", "train.tensorboard=false"]
     ar = train(compose(["+arch=ar", *common]))

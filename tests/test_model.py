@@ -169,3 +169,16 @@ def test_tiny_model_memorises_one_batch():
     for _ in range(150):
         params, opt, loss = step(params, opt)
     assert float(loss) < 0.05
+
+
+@pytest.mark.parametrize("target", [12e3, 25e3, 50e3, 200e3, 3e6, 20e6])
+def test_size_rule_hits_the_target_count(target):
+    """A count-valued arch.size resolves to a stack whose measured non-embedding count is the
+    target to within the granularity of the rule (width steps of 32/64, whole layers)."""
+    from archs.model import count_params
+
+    cfg = resolve(ModelConfig(size=f"{target:g}", vocab_size=259))
+    assert cfg.d_model % cfg.head_dim == 0 and cfg.d_model >= 32
+    model = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+    _, nonembed = count_params(model)
+    assert 0.6 < nonembed / target < 1.5, (cfg.d_model, cfg.n_layers, nonembed)

@@ -100,7 +100,7 @@ def _fake_run(root, run_id, mc: ModelConfig, *, eval_bpb, flops, seq_len=16):
 
     from sweeps.checkpoint import Checkpointer
     from sweeps.results import ResultsDB
-    from tests.conftest import compose
+    from conftest import compose
 
     arch = "diffusion" if mc.objective == "diffusion" else "ar"
     cfg = compose([f"+arch={arch}", "sweep=none", f"root={root}", f"train.seq_len={seq_len}",
