@@ -54,14 +54,18 @@ def _fwd_bwd(fn, chunk_size):
 def _time(fns, args, repeats):
     """Per function: median wall time, min wall time, median process CPU time (all threads).
 
-    Calls are interleaved round by round so that load from other processes on a shared machine
-    hits every contender alike; CPU time is the steadier number when the machine is shared."""
+    Rounds interleave the functions so that load from other processes on a shared machine hits
+    every contender alike; within a round each function runs once untimed first, so that it is
+    timed with its buffers already mapped (as in a training loop) rather than paying the page
+    faults the other function's allocations left behind. CPU time is the steadier number when
+    the machine is shared."""
     for f in fns:
         jax.block_until_ready(f(*args))  # compile + warm up
     wall = [[] for _ in fns]
     cpu = [[] for _ in fns]
     for _ in range(repeats):
         for i, f in enumerate(fns):
+            jax.block_until_ready(f(*args))
             t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(f(*args))
             wall[i].append(time.perf_counter() - t0)
