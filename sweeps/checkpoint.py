@@ -43,7 +43,7 @@ _ASYNCIO_FILTER = _DropUnretrievedTaskErrors()
 
 
 def _from_orbax(exc, obj=None) -> bool:
-    """Whether an uncatchable error was raised inside Orbax's own restore machinery."""
+    """Whether an unraisable error (`obj` is what was being finalised) comes from Orbax's code."""
     root = str(Path(ocp.__file__).resolve().parent.parent)  # site-packages/orbax
     code = getattr(obj, "cr_code", None)  # an abandoned coroutine being garbage-collected
     if code is not None and code.co_filename.startswith(root):
@@ -56,9 +56,8 @@ def _from_orbax(exc, obj=None) -> bool:
     return False
 
 
-def _is_restore_noise(exc, obj=None) -> bool:
-    closed_loop = isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-    return closed_loop or _from_orbax(exc, obj)
+def _is_closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
 def _drop_failed_restore_noise() -> None:
@@ -68,7 +67,9 @@ def _drop_failed_restore_noise() -> None:
     never awaited'), and TensorStore reads still in flight call back into the closed asyncio
     loop from native threads ('Event loop is closed'). Each prints a full traceback although
     nothing is wrong: we have moved on to an older checkpoint. From the first failed restore on,
-    drop exactly those from the process's hooks; everything else is still reported."""
+    drop exactly those from the process's hooks. Everything else is still reported; in
+    particular an Orbax error that reaches the top of a thread (a failed save) is not dropped:
+    only garbage-collected Orbax coroutines ('unraisable') are."""
     import threading
     import warnings
 
@@ -79,15 +80,15 @@ def _drop_failed_restore_noise() -> None:
     prev_except, prev_thread, prev_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
 
     def excepthook(tp, exc, tb):
-        if not _is_restore_noise(exc):
+        if not _is_closed_loop_error(exc):
             prev_except(tp, exc, tb)
 
     def thread_hook(args):
-        if not _is_restore_noise(args.exc_value):
+        if not _is_closed_loop_error(args.exc_value):
             prev_thread(args)
 
     def unraisable(args):
-        if not _is_restore_noise(args.exc_value, args.object):
+        if not (_is_closed_loop_error(args.exc_value) or _from_orbax(args.exc_value, args.object)):
             prev_unraisable(args)
 
     sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable
