@@ -412,16 +412,17 @@ def _theta_to_public(theta: np.ndarray, z0: np.ndarray, K: int) -> tuple[np.ndar
 
 def _chinchilla_params(theta: np.ndarray, z0: np.ndarray) -> dict[str, float]:
     a, al, e = _theta_to_public(theta, z0, 2)
-    return {
-        "E": float(np.exp(e)),
-        "A": float(np.exp(a[0])),
-        "B": float(np.exp(a[1])),
-        "alpha": float(al[0]),
-        "beta": float(al[1]),
-        "a": float(a[0]),
-        "b": float(a[1]),
-        "e": e,
-    }
+    with np.errstate(over="ignore"):  # a degenerate bootstrap resample may have A = inf; say nothing
+        return {
+            "E": float(np.exp(e)),
+            "A": float(np.exp(a[0])),
+            "B": float(np.exp(a[1])),
+            "alpha": float(al[0]),
+            "beta": float(al[1]),
+            "a": float(a[0]),
+            "b": float(a[1]),
+            "e": e,
+        }
 
 
 def _chinchilla_inputs(N, D, L):
@@ -541,7 +542,8 @@ def compute_frontier(C, L, n_bins: int | None = None, *, monotone: bool = True,
 
 def _compute_law_params(theta: np.ndarray, z0: np.ndarray) -> dict[str, float]:
     a, al, e = _theta_to_public(theta, z0, 1)
-    return {"E": float(np.exp(e)), "A": float(np.exp(a[0])), "alpha": float(al[0]), "a": float(a[0]), "e": e}
+    with np.errstate(over="ignore"):  # as in _chinchilla_params: A = inf is the honest value
+        return {"E": float(np.exp(e)), "A": float(np.exp(a[0])), "alpha": float(al[0]), "a": float(a[0]), "e": e}
 
 
 def _compute_law_inputs(C, L, frontier, n_bins, monotone):
