@@ -66,8 +66,9 @@ def _drop_failed_restore_noise() -> None:
     ('Exception ignored in <coroutine _read_array_index_and_device_put>', 'coroutine ... was
     never awaited'), and TensorStore reads still in flight call back into the closed asyncio
     loop from native threads ('Event loop is closed'). Each prints a full traceback although
-    nothing is wrong: we have moved on to an older checkpoint. From the first failed restore on,
-    drop exactly those from the process's hooks. Everything else is still reported; in
+    nothing is wrong: we have moved on to an older checkpoint. From the first restore attempt on,
+    drop exactly those from the process's hooks (a healthy restore leaves none, so nothing real is
+    lost). Everything else is still reported; in
     particular an Orbax error that reaches the top of a thread (a failed save) is not dropped:
     only garbage-collected Orbax coroutines ('unraisable') are."""
     import threading
@@ -210,7 +211,6 @@ class Checkpointer:
         return sorted(self.mngr.all_steps(), reverse=True)
 
     def _unusable(self, step: int, why: str) -> None:
-        _drop_failed_restore_noise()
         gc.collect()  # abandoned read coroutines go now, while the filter is in place
         print(f"warning: checkpoint at step {step} is unreadable ({why}); trying the previous one", file=sys.stderr)
         if not self.owner:
@@ -225,6 +225,9 @@ class Checkpointer:
     def _first_readable(self, restore_one):
         """(step, restore_one(step)) for the newest checkpoint that passes its integrity check
         and restores; damaged ones are reported (and set aside by the owner) on the way."""
+        # The filter goes in before the first read, not after a failure: TensorStore can call back
+        # into the closed loop while the failed read's exception is still unwinding (seen in CI).
+        _drop_failed_restore_noise()
         for step in self.steps():
             bad = self.check_integrity(step)
             if bad:
