@@ -196,7 +196,7 @@ class Trainer:
         abstract = nnx.eval_shape(make)
         self.n_params, self.n_nonembed = count_params(abstract)
         self.graphdef, abs_state = nnx.split(abstract)
-        self.param_sharding = param_shardings(abs_state, self.mesh).to_pure_dict()
+        self.param_sharding = nnx.to_pure_dict(param_shardings(abs_state, self.mesh))
         self._abs_params = nnx.to_pure_dict(abs_state)
         self._init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=self.param_sharding)
         self.objective = make_objective(plan.model_cfg)

@@ -155,7 +155,7 @@ def test_tiny_model_memorises_one_batch():
     m = _model(d_model=64, n_heads=2)
     obj = AutoregressiveObjective(m.cfg)
     gdef, params = nnx.split(m)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     tx = optax.adam(1e-2)
     opt = tx.init(params)
     w = jax.random.randint(jax.random.key(6), (2, 17), 0, 256)

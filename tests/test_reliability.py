@@ -684,7 +684,7 @@ def test_dead_owner_detection_survives_pid_reuse_and_zombies(tmp_path):
         assert _alive(host, p.pid, time.time(), time.time())  # it beat after it started: alive
         assert not _alive(host, p.pid, before - 3600, time.time())  # last beat long before it started
         p.kill()
-        time.sleep(0.2)
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # blocks until it is a zombie, leaves it unreaped
         assert not _alive(host, p.pid, time.time(), time.time())  # killed, not yet reaped: a zombie
     finally:
         p.kill()
