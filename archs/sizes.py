@@ -112,6 +112,23 @@ def layer_kinds(cfg: ModelConfig) -> list[str]:
     return list((cfg.pattern * reps)[: cfg.n_layers])
 
 
+def pattern_shortfall(cfg: ModelConfig) -> str | None:
+    """Why the tiled stack is not the model the pattern describes, or None when it is.
+
+    A stack shallower than the pattern keeps only its prefix: 'GGGA' over the 1-2 layers of the
+    CPU sweep sizes is a pure Gated DeltaNet stack, which a hybrid-vs-pure comparison must know."""
+    kinds = layer_kinds(cfg)
+    missing = [k for k in dict.fromkeys(cfg.pattern) if k not in kinds]
+    if not missing:
+        return None
+    needed = max(cfg.pattern.index(k) for k in missing) + 1
+    return (
+        f"arch.pattern={cfg.pattern} over {cfg.n_layers} layer(s) gives the stack {''.join(kinds)}: it has no "
+        f"{'/'.join(missing)} layer, so this '{cfg.name}' model is not the pattern's mix; use at least "
+        f"{needed} layers (a larger arch.size or arch.n_layers={needed}) or a shorter pattern"
+    )
+
+
 def mlp_hidden(cfg: ModelConfig) -> int:
     h = int(math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)) * cfg.mlp_multiple
     return h

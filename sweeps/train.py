@@ -31,7 +31,7 @@ from archs.flops import flops_per_token
 from archs.model import Model, count_params
 from archs.objective import make_objective
 from archs.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings, replicated
-from archs.sizes import resolve
+from archs.sizes import pattern_shortfall, resolve
 from sweeps.data import check_windows, eval_windows, load_corpus, n_bytes, train_batch
 from sweeps.results import ResultsDB
 
@@ -344,6 +344,9 @@ def train(cfg, *, budget: float | None = None, sweep: str | None = None, devices
     """
     devices = list(devices if devices is not None else jax.devices())
     plan = plan_run(cfg, len(devices))
+    shortfall = pattern_shortfall(plan.model_cfg)
+    if shortfall:
+        print(f"warning: {shortfall}", file=sys.stderr)
     corpus = load_corpus(cfg.data.name, list(cfg.data.paths), cfg.data.heldout_fraction)
     check_windows(corpus, cfg.train.seq_len)
     windows = eval_windows(corpus, cfg.train.seq_len, cfg.train.eval_windows)

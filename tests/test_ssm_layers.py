@@ -16,7 +16,7 @@ from archs.config import ModelConfig
 from archs.context import Ctx
 from archs.flops import forward_flops
 from archs.model import EOD_ID, Model
-from archs.sizes import layer_kinds, resolve
+from archs.sizes import layer_kinds, pattern_shortfall, resolve
 from conftest import run_cli
 from ssm.layers import GatedDeltaNet, Mamba2, recurrent_flops_breakdown
 
@@ -62,6 +62,22 @@ def _tokens(b: int, t: int, eods) -> jnp.ndarray:
     for row, col in eods:
         toks[row, col] = EOD_ID
     return jnp.asarray(toks, jnp.int32)
+
+
+def test_pattern_shortfall_names_the_missing_layer_kinds():
+    """A stack shallower than its pattern keeps a prefix: the default hybrid at the 1-2 layer CPU
+    sweep sizes has no attention layer at all, and the run must say so."""
+    def hybrid(**kw):
+        return resolve(ModelConfig(name="hybrid", pattern="GGGA", **kw))
+
+    msg = pattern_shortfall(hybrid(size="xxs"))  # 2 layers -> GG
+    assert "gives the stack GG:" in msg and "no A layer" in msg and "arch.n_layers=4" in msg, msg
+    assert pattern_shortfall(hybrid(size="12k")) is not None  # 1 layer -> G
+    assert pattern_shortfall(hybrid(size="xs")) is None  # 4 layers -> GGGA
+    assert pattern_shortfall(hybrid(size="xxs", n_layers=6)) is None  # GGGAGG still has its A
+    mixed = resolve(ModelConfig(name="h", pattern="GAGM", size="xxs", n_layers=1))
+    assert "no A/M layer" in pattern_shortfall(mixed) and "arch.n_layers=4" in pattern_shortfall(mixed)
+    assert pattern_shortfall(resolve(ModelConfig(name="ar", pattern="A", size="12k"))) is None
 
 
 # --- (a) incremental decoding == full forward ---------------------------------------------------
