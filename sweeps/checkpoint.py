@@ -60,7 +60,7 @@ def _is_closed_loop_error(exc) -> bool:
     return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
-def _drop_failed_restore_noise() -> None:
+def _drop_restore_noise() -> None:
     """After a failed restore (which we report ourselves, in one line) Orbax leaves work behind
     that nobody can catch: sibling read coroutines are garbage-collected with their errors
     ('Exception ignored in <coroutine _read_array_index_and_device_put>', 'coroutine ... was
@@ -227,7 +227,7 @@ class Checkpointer:
         and restores; damaged ones are reported (and set aside by the owner) on the way."""
         # The filter goes in before the first read, not after a failure: TensorStore can call back
         # into the closed loop while the failed read's exception is still unwinding (seen in CI).
-        _drop_failed_restore_noise()
+        _drop_restore_noise()
         for step in self.steps():
             bad = self.check_integrity(step)
             if bad:
