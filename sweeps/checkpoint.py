@@ -68,9 +68,9 @@ def _drop_restore_noise() -> None:
     loop from native threads ('Event loop is closed'). Each prints a full traceback although
     nothing is wrong: we have moved on to an older checkpoint. From the first restore attempt on,
     drop exactly those from the process's hooks (a healthy restore leaves none, so nothing real is
-    lost). Everything else is still reported; in
-    particular an Orbax error that reaches the top of a thread (a failed save) is not dropped:
-    only garbage-collected Orbax coroutines ('unraisable') are."""
+    lost). Everything else is still reported; in particular an Orbax error that reaches the top
+    of a thread (a failed save) is not dropped: only garbage-collected Orbax coroutines
+    ('unraisable') are."""
     import threading
     import warnings
 
