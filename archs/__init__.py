@@ -4,6 +4,4 @@ from archs.config import DiffusionConfig, ModelConfig
 from archs.errors import ConfigError
 from archs.model import Model, count_params
 
-ARCH_NAMES = ("ar", "ar_swa", "diffusion", "gdn", "mamba2", "hybrid", "hybrid_swa")
-
-__all__ = ["ARCH_NAMES", "ConfigError", "DiffusionConfig", "Model", "ModelConfig", "count_params"]
+__all__ = ["ConfigError", "DiffusionConfig", "Model", "ModelConfig", "count_params"]

@@ -100,3 +100,28 @@ class Attention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype):
         shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "seg": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+# --- FLOPs (conventions in archs/flops.py) ------------------------------------------------------
+
+
+def attention_pairs(seq_len: int, *, causal: bool, window: int, executed: bool) -> float:
+    """Number of (query, key) pairs attention evaluates for one sequence."""
+    t = seq_len
+    if executed:
+        return float(t * t)
+    if window and window < t:
+        if causal:
+            # each query sees min(pos + 1, window) keys
+            return float(window * (window + 1) / 2 + (t - window) * window)
+        # symmetric band |i - j| < window
+        return float(t * (2 * window - 1) - window * (window - 1))
+    return t * (t + 1) / 2 if causal else float(t * t)
+
+
+def attention_flops(cfg: ModelConfig, seq_len: int, *, window: int, executed: bool) -> float:
+    """Forward FLOPs of one attention mixer (projections, scores and weighted sum) for one sequence."""
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    proj = 2 * seq_len * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
+    pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
+    return proj + 2 * 2 * pairs * hd * h

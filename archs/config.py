@@ -41,7 +41,7 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 32
-    vocab_size: int = 259  # 256 bytes + EOD + MASK + PAD (see sweeps.data)
+    vocab_size: int = 259  # text tokens + EOD, MASK, PAD (archs.tokens); the engine sets the data's
     causal: bool = True
     window: int = 64  # for S layers
     qk_norm: bool = False

@@ -7,7 +7,7 @@ Conventions (stated, because every scaling-law comparison depends on them):
 - Attention scores and the weighted sum count 2 * 2 * T_q * T_k * head_dim per head; causal
   attention counts only the keys a query may see (about T^2 / 2 pairs), sliding windows only
   their window; bidirectional attention counts all T^2 pairs.
-- Recurrent mixers count their chunked scans (ssm.layers provides the per-layer count).
+- Every mixer states its own count (archs.mixers); recurrent mixers count their chunked scans.
 - Element-wise work (norms, activations, softmax) is not counted; it is a few percent.
 
 `executed=True` drops the causal discount and counts what a dense masked kernel actually
@@ -17,28 +17,8 @@ computes: that is what XLA's cost analysis reports, so tests compare against it.
 from __future__ import annotations
 
 from archs.config import ModelConfig
+from archs.mixers import mixer_kind
 from archs.sizes import layer_kinds, mlp_hidden, resolve
-
-
-def attention_pairs(seq_len: int, *, causal: bool, window: int, executed: bool) -> float:
-    """Number of (query, key) pairs attention evaluates for one sequence."""
-    t = seq_len
-    if executed:
-        return float(t * t)
-    if window and window < t:
-        if causal:
-            # each query sees min(pos + 1, window) keys
-            return float(window * (window + 1) / 2 + (t - window) * window)
-        # symmetric band |i - j| < window
-        return float(t * (2 * window - 1) - window * (window - 1))
-    return t * (t + 1) / 2 if causal else float(t * t)
-
-
-def attention_layer_flops(cfg: ModelConfig, seq_len: int, *, window: int, executed: bool) -> float:
-    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    proj = 2 * seq_len * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
-    pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
-    return proj + 2 * 2 * pairs * hd * h
 
 
 def mlp_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -47,15 +27,7 @@ def mlp_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 def layer_flops(cfg: ModelConfig, kind: str, seq_len: int, *, executed: bool = False) -> float:
     """Forward FLOPs of one block (mixer + MLP) for one sequence."""
-    if kind == "A":
-        mixer = attention_layer_flops(cfg, seq_len, window=0, executed=executed)
-    elif kind == "S":
-        mixer = attention_layer_flops(cfg, seq_len, window=cfg.window, executed=executed)
-    else:
-        from ssm.layers import recurrent_layer_flops
-
-        mixer = recurrent_layer_flops(cfg, kind, seq_len)
-    return mixer + mlp_flops(cfg, seq_len)
+    return mixer_kind(kind).flops(cfg, seq_len, executed) + mlp_flops(cfg, seq_len)
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False, embedding: bool = True) -> dict:

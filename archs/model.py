@@ -12,28 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs.attention import Attention
 from archs.config import ModelConfig
 from archs.context import Ctx, segment_ids_from_tokens
 from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear, partitioned
+from archs.mixers import mixer_kind
 from archs.sizes import layer_kinds, resolve
-
-EOD_ID = 256  # keep in sync with sweeps.data.EOD
-
-
-def make_mixer(kind: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if kind == "A":
-        return Attention(cfg, rngs=rngs)
-    if kind == "S":
-        return Attention(cfg, window=cfg.window, rngs=rngs)
-    # Recurrent mixers live with their kernels in ssm/.
-    from ssm.layers import GatedDeltaNet, Mamba2
-
-    if kind == "G":
-        return GatedDeltaNet(cfg, rngs=rngs)
-    if kind == "M":
-        return Mamba2(cfg, rngs=rngs)
-    raise ValueError(f"unknown layer kind {kind!r}")
+from archs.tokens import Vocab
 
 
 class Block(nnx.Module):
@@ -42,7 +26,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
         self.norm1 = RMSNorm(cfg.d_model)
-        self.mixer = make_mixer(kind, cfg, rngs=rngs)
+        self.mixer = mixer_kind(kind).build(cfg, rngs)
         self.norm2 = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -67,6 +51,7 @@ class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg = resolve(cfg)
         self.cfg = cfg
+        self.eod_id = Vocab.of_size(cfg.vocab_size).eod
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=compute_dtype(cfg),
             embedding_init=partitioned(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
@@ -98,7 +83,7 @@ class Model(nnx.Module):
         """Logits [B, T, vocab] in fp32 for a whole window (training and scoring)."""
         b, t = tokens_bt.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        seg = segment_ids_from_tokens(tokens_bt, EOD_ID) if self.cfg.doc_mask else None
+        seg = segment_ids_from_tokens(tokens_bt, self.eod_id) if self.cfg.doc_mask else None
         ctx = Ctx(positions=positions, segment_ids=seg)
         x = self._embed(tokens_bt, t_b)
         for block in self.blocks:
@@ -120,7 +105,7 @@ class Model(nnx.Module):
         """
         b, t = tokens_bt.shape
         positions = pos + jnp.broadcast_to(jnp.arange(t), (b, t))
-        seg = segment_ids_from_tokens(tokens_bt, EOD_ID, cache["eod"]) if self.cfg.doc_mask else None
+        seg = segment_ids_from_tokens(tokens_bt, self.eod_id, cache["eod"]) if self.cfg.doc_mask else None
         ctx = Ctx(positions=positions, segment_ids=seg)
         x = self._embed(tokens_bt, None)
         new_layers = []

@@ -34,10 +34,3 @@ class AutoregressiveObjective:
         del rng
         return token_nll(model(windows_bt[:, :-1]), windows_bt[:, 1:]).sum(axis=1)
 
-
-def make_objective(model_cfg):
-    if model_cfg.objective == "diffusion":
-        from diffusion.objective import MaskedDiffusionObjective
-
-        return MaskedDiffusionObjective(model_cfg)
-    return AutoregressiveObjective(model_cfg)

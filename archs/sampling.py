@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-EOD_ID = 256  # keep in sync with sweeps.data
-NEVER_EMIT = (257, 258)  # MASK, PAD: not text; never sampled (keep in sync with sweeps.data)
+from archs.tokens import Vocab
 
 
-def forbid(logits_nv, ids=NEVER_EMIT):
-    """Copy of logits (float64) with the given token ids set to -inf."""
+def forbid(logits_nv, ids=None):
+    """Copy of logits [..., V] (float64) with the given token ids set to -inf; by default the ids
+    that are never text of a vocabulary of V tokens (MASK, PAD: archs.tokens)."""
     out = np.array(logits_nv, dtype=np.float64)
+    ids = Vocab.of_size(out.shape[-1]).never_emitted if ids is None else ids
     out[..., list(ids)] = -np.inf
     return out
 

@@ -32,19 +32,21 @@ import jax
 import jax.numpy as jnp
 
 from archs.errors import ConfigError
+from archs.tokens import Vocab
 from diffusion.schedules import get_schedule, sample_times, stratified_times
-from sweeps.data import MASK, PAD
 
 NORMALIZATIONS = ("tokens", "masked")
 
 
 def subs_log_probs(logits_btv, z_bt):
-    """SUBS log-probabilities [B, T, V]: never [MASK]/PAD; unmasked positions copy their input."""
+    """SUBS log-probabilities [B, T, V]: never [MASK]/PAD; unmasked positions copy their input.
+    The special ids follow from the vocabulary size V (archs.tokens)."""
+    vocab = Vocab.of_size(logits_btv.shape[-1])
     ids_v = jnp.arange(logits_btv.shape[-1])
-    never_v = (ids_v == MASK) | (ids_v == PAD)
+    never_v = (ids_v == vocab.mask) | (ids_v == vocab.pad)
     logp = jax.nn.log_softmax(jnp.where(never_v, -jnp.inf, logits_btv.astype(jnp.float32)), axis=-1)
     copy = jnp.where(ids_v == z_bt[..., None], 0.0, -jnp.inf)  # log of a one-hot on the input
-    return jnp.where((z_bt == MASK)[..., None], logp, copy)
+    return jnp.where((z_bt == vocab.mask)[..., None], logp, copy)
 
 
 class MaskedDiffusionObjective:
@@ -60,6 +62,7 @@ class MaskedDiffusionObjective:
         if d.eval_samples < 1:
             raise ConfigError(f"arch.diffusion.eval_samples={d.eval_samples} must be at least 1")
         self.cfg = cfg
+        self.mask_id = Vocab.of_size(cfg.vocab_size).mask
         self.eps = float(d.eps)
         self.antithetic = bool(d.antithetic)
         self.normalize = d.normalize
@@ -70,7 +73,7 @@ class MaskedDiffusionObjective:
         """Forward process: mask each token independently with probability 1 - alpha_t."""
         p_mask_b = 1.0 - self.schedule.alpha(t_b)
         masked_bt = jax.random.uniform(rng, x_bt.shape) < p_mask_b[:, None]
-        return jnp.where(masked_bt, MASK, x_bt), masked_bt
+        return jnp.where(masked_bt, self.mask_id, x_bt), masked_bt
 
     def masked_nll(self, model, x_bt, t_b, rng):
         """-log p_theta(x_l | z) per position [B, T] (exactly 0 where unmasked) and the mask."""

@@ -2,7 +2,8 @@
 and semi-autoregressive blocks for both.
 
 A sampler drives a `denoiser(z_bt, t_b) -> log-probs [B, T, V]` (numpy, SUBS applied: the
-[MASK] column is -inf and unmasked positions are point masses on their input), so the
+[MASK] column is -inf and unmasked positions are point masses on their input) whose attribute
+`mask_id` names its [MASK] token, so the
 trained model (ModelDenoiser) and the exact denoisers of the tests plug in alike. Random
 draws come from one numpy Generator per call, categorical draws in float64 (archs.sampling).
 
@@ -19,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from archs.sampling import forbid, gumbel_argmax, log_softmax64, progress_bar
+from archs.tokens import Vocab
 from diffusion.objective import subs_log_probs
-from sweeps.data import MASK
 
 
 class ModelDenoiser:
@@ -28,6 +29,7 @@ class ModelDenoiser:
 
     def __init__(self, model):
         graphdef, self.state = nnx.split(model)
+        self.mask_id = Vocab.of_size(model.cfg.vocab_size).mask
         self.time_conditioned = bool(model.cfg.diffusion.time_conditioning)
 
         def logp(state, z_bt, t_b):
@@ -39,11 +41,11 @@ class ModelDenoiser:
         return np.asarray(self._logp(self.state, jnp.asarray(z_bt, jnp.int32), jnp.asarray(t_b, jnp.float32)))
 
 
-def _canvas(batch: int, length: int, prefix):
+def _canvas(batch: int, length: int, prefix, mask_id: int):
     prefix = np.zeros((0,), np.int32) if prefix is None else np.asarray(prefix, np.int32).reshape(-1)
     if len(prefix) >= length:
         raise ValueError(f"prefix of {len(prefix)} tokens leaves nothing to generate in {length}")
-    z = np.full((batch, length), MASK, np.int32)
+    z = np.full((batch, length), mask_id, np.int32)
     z[:, :len(prefix)] = prefix
     return z, len(prefix)
 
@@ -75,7 +77,8 @@ def ancestral(denoiser, batch: int, length: int, steps: int, *, schedule, seed: 
     give identical samples for the same seed.
     """
     rng = np.random.default_rng(seed)
-    z, start = _canvas(batch, length, prefix)
+    mask = denoiser.mask_id
+    z, start = _canvas(batch, length, prefix, mask)
     plan = _blocks(start, length, block_len, steps)
     reuse = cache and not getattr(denoiser, "time_conditioned", False)
     logp, current, nfe = None, False, 0  # current: logp was computed from the canvas as it is now
@@ -86,7 +89,7 @@ def ancestral(denoiser, batch: int, length: int, steps: int, *, schedule, seed: 
                 a_t, a_s = float(schedule.alpha(t)), float(schedule.alpha(s))
                 p_reveal = 1.0 if s == 0.0 else (a_s - a_t) / (1.0 - a_t)
                 reveal_bt = np.zeros_like(z, bool)
-                reveal_bt[:, lo:hi] = (z[:, lo:hi] == MASK) & (rng.random((batch, hi - lo)) < p_reveal)
+                reveal_bt[:, lo:hi] = (z[:, lo:hi] == mask) & (rng.random((batch, hi - lo)) < p_reveal)
                 if not reuse or (reveal_bt.any() and not current):
                     logp, current = denoiser(z, np.full((batch,), t)), True
                     nfe += 1
@@ -127,7 +130,8 @@ def remask(denoiser, batch: int, length: int, steps: int, *, seed: int = 0, pref
     if confidence not in CONFIDENCES:
         raise ValueError(f"unknown confidence {confidence!r}; use one of {', '.join(CONFIDENCES)}")
     rng = np.random.default_rng(seed)
-    z, start = _canvas(batch, length, prefix)
+    mask = denoiser.mask_id
+    z, start = _canvas(batch, length, prefix, mask)
     plan = _blocks(start, length, block_len, steps)
     nfe = 0
     with progress_bar(sum(n for _, _, n in plan), "remask", progress) as bar:
@@ -139,8 +143,8 @@ def remask(denoiser, batch: int, length: int, steps: int, *, seed: int = 0, pref
                 if k == 0:
                     continue
                 cand_bt = np.zeros_like(z, bool)
-                cand_bt[:, lo:hi] = z[:, lo:hi] == MASK
-                t_b = (z[:, start:] == MASK).mean(axis=1)  # masked fraction: the model's "time"
+                cand_bt[:, lo:hi] = z[:, lo:hi] == mask
+                t_b = (z[:, start:] == mask).mean(axis=1)  # masked fraction: the model's "time"
                 logp = denoiser(z, t_b)
                 nfe += 1
                 logp64 = log_softmax64(forbid(logp[cand_bt]))

@@ -5,7 +5,7 @@
 
 For each length T it times the jitted forward + backward (gradients w.r.t. the parameters and
 the input) of one mixer layer at batch 1, exactly as the model builder makes it (archs.model
-make_mixer, document masking on with one document), and prints milliseconds per call and
+archs.mixers, document masking on with one document), and prints milliseconds per call and
 microseconds per token, next to the analytic forward FLOPs per token. Attention's per-token cost
 grows linearly with T (its T^2 score matrix), the recurrent mixers' stays flat, so there is a
 crossover length above which a GDN layer is cheaper than attention on this machine; it is
@@ -26,8 +26,8 @@ from flax import nnx
 
 from archs.config import ModelConfig
 from archs.context import Ctx
-from archs.flops import attention_layer_flops
-from archs.model import make_mixer
+from archs.attention import attention_flops
+from archs.mixers import mixer_kind
 from archs.sizes import resolve
 
 from .layers import recurrent_layer_flops
@@ -37,7 +37,7 @@ KINDS = {"G": "gated deltanet", "M": "mamba2", "A": "attention"}
 
 def _layer_fn(cfg: ModelConfig, kind: str, doc_mask: bool):
     """jit(value_and_grad) of sum(mixer(x)^2) w.r.t. (params, x), and the initial params."""
-    gdef, params = nnx.split(make_mixer(kind, cfg, rngs=nnx.Rngs(0)))
+    gdef, params = nnx.split(mixer_kind(kind).build(cfg, nnx.Rngs(0)))
 
     def loss(params, x):
         b, t, _ = x.shape
@@ -66,7 +66,7 @@ def _time(f, args, repeats: int, budget_s: float) -> float:
 
 def analytic_flops_per_token(cfg: ModelConfig, kind: str, t: int) -> float:
     if kind == "A":
-        return attention_layer_flops(cfg, t, window=0, executed=True) / t
+        return attention_flops(cfg, t, window=0, executed=True) / t
     return recurrent_layer_flops(cfg, kind, t) / t
 
 

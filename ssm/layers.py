@@ -12,7 +12,10 @@ convolutions zero every tap that reaches into an earlier document. The decode ca
 recurrent state, the last ``conv_kernel - 1`` conv inputs with their segment ids, and the
 segment id of the last token, so decoding token by token equals the full forward pass.
 
-FLOPs: ``recurrent_layer_flops`` (used by ``archs.flops``) counts the projections, the convs and
+Both register with ``archs.mixers`` (letters G and M) when this module is imported, which
+``import ssm`` does.
+
+FLOPs: ``recurrent_layer_flops`` (the mixers' entry in ``archs.mixers``) counts the projections, the convs and
 the chunked kernels' matmul work at ``cfg.chunk_size``; ``recurrent_flops_breakdown`` splits it
 into parts (see its docstring for how that maps onto XLA's own cost analysis).
 """
@@ -30,6 +33,7 @@ from archs.config import ModelConfig
 from archs.context import Ctx
 from archs.errors import ConfigError
 from archs.layers import RMSNorm, linear
+from archs.mixers import MixerKind, register
 from archs.sizes import resolve
 
 from .gated_delta import _chunk_len, gated_delta_rule, gated_delta_step
@@ -420,3 +424,9 @@ def recurrent_flops_breakdown(cfg: ModelConfig, kind: str, seq_len: int) -> dict
 def recurrent_layer_flops(cfg: ModelConfig, kind: str, seq_len: int) -> float:
     """Forward FLOPs of one Gated DeltaNet ('G') or Mamba-2 ('M') mixer for one sequence."""
     return recurrent_flops_breakdown(cfg, kind, seq_len)["total"]
+
+
+register(MixerKind("G", lambda cfg, rngs: GatedDeltaNet(cfg, rngs=rngs),
+                   lambda cfg, t, executed: recurrent_layer_flops(cfg, "G", t)))
+register(MixerKind("M", lambda cfg, rngs: Mamba2(cfg, rngs=rngs),
+                   lambda cfg, t, executed: recurrent_layer_flops(cfg, "M", t)))

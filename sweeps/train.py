@@ -29,11 +29,19 @@ from archs.config import ModelConfig
 from archs.errors import ConfigError
 from archs.flops import flops_per_token
 from archs.model import Model, count_params
-from archs.objective import make_objective
+from archs.objective import AutoregressiveObjective
 from archs.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings, replicated
 from archs.sizes import pattern_shortfall, resolve
 from sweeps.data import check_windows, eval_windows, load_corpus, n_bytes, train_batch
 from sweeps.results import ResultsDB
+import ssm  # noqa: F401  (registers the recurrent mixers G and M with archs.mixers)
+from diffusion.objective import MaskedDiffusionObjective
+
+
+def make_objective(model_cfg):
+    if model_cfg.objective == "diffusion":
+        return MaskedDiffusionObjective(model_cfg)
+    return AutoregressiveObjective(model_cfg)
 
 
 class Preempted(Exception):
@@ -57,9 +65,9 @@ def to_model_config(arch) -> ModelConfig:
 
 def check_arch_chosen(cfg) -> None:
     if OmegaConf.is_missing(cfg, "arch"):
-        from archs import ARCH_NAMES
+        from sweeps.runtime import _arch_names
 
-        raise ConfigError(f"no architecture chosen: pass +arch=NAME with NAME one of {', '.join(ARCH_NAMES)}")
+        raise ConfigError(f"no architecture chosen: pass +arch=NAME with NAME one of {', '.join(_arch_names())}")
 
 
 def run_id_for(cfg) -> str:

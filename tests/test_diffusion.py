@@ -20,7 +20,9 @@ from archs.errors import ConfigError
 from diffusion.objective import MaskedDiffusionObjective, subs_log_probs
 from diffusion.samplers import ModelDenoiser, ancestral, remask
 from diffusion.schedules import get_schedule, sample_times, stratified_times
-from sweeps.data import EOD, MASK, PAD, VOCAB
+from archs.tokens import BYTES
+
+EOD, MASK, PAD, VOCAB = BYTES.eod, BYTES.mask, BYTES.pad, BYTES.size
 
 SUPPORT = np.array([10, 32, 97, 101, 115, EOD])
 P_SUPPORT = np.array([0.05, 0.30, 0.25, 0.20, 0.12, 0.08])
@@ -178,8 +180,7 @@ def test_real_denoiser_never_produces_mask_and_trains():
 
 
 def test_config_composes_and_rejects_bad_values():
-    from archs.objective import make_objective
-    from sweeps.train import to_model_config
+    from sweeps.train import make_objective, to_model_config
     from conftest import compose
 
     cfg = compose(["+arch=diffusion", "sweep=none"])
@@ -198,6 +199,7 @@ class ExactIIDDenoiser:
     """Host-side exact denoiser with SUBS: p at masked positions, the input elsewhere."""
 
     time_conditioned = False
+    mask_id = MASK
 
     def __init__(self):
         self.calls = 0

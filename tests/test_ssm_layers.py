@@ -15,7 +15,8 @@ from flax import nnx
 from archs.config import ModelConfig
 from archs.context import Ctx
 from archs.flops import forward_flops
-from archs.model import EOD_ID, Model
+from archs.model import Model
+from archs.tokens import BYTES
 from archs.sizes import layer_kinds, pattern_shortfall, resolve
 from conftest import run_cli
 from ssm.layers import GatedDeltaNet, Mamba2, recurrent_flops_breakdown
@@ -60,7 +61,7 @@ def _compile(fn, *args):
 def _tokens(b: int, t: int, eods) -> jnp.ndarray:
     toks = np.random.default_rng(0).integers(0, 256, (b, t))
     for row, col in eods:
-        toks[row, col] = EOD_ID
+        toks[row, col] = BYTES.eod
     return jnp.asarray(toks, jnp.int32)
 
 
