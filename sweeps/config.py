@@ -1,32 +1,81 @@
-"""Typed structured configs for every entry point, registered with Hydra's ConfigStore.
+"""Typed structured configs of every entry point, registered with Hydra's ConfigStore.
 
-The YAML files under conf/ fill these schemas; a typo'd key or a wrong type fails at
-composition time, before any data is read or anything compiles.
+The YAML files under conf/ fill these schemas. Each entry point (sweeps.cli) composes the
+config, checks that every key the user typed exists here, and turns it into these dataclasses
+once; validation lives in each node's `__post_init__` (the model node's in archs.sizes.resolve,
+which also derives its dimensions), so a bad value is one line before anything is read or
+compiled, and everything below the entry point works on typed objects.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from archs.config import ModelConfig
+from archs.errors import ConfigError
+from diffusion.samplers import CONFIDENCES, SAMPLERS
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def arch_names() -> list[str]:
+    return sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))
+
+
+class DataName(StrEnum):
+    stdlib = "stdlib"  # the running interpreter's standard library sources (zero setup)
+    text = "text"  # the user's text files or directories, read into memory
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    wsd = "wsd"  # warmup-stable-decay
+
+
+class LrRule(StrEnum):
+    width = "width"  # lr * (lr_base_width / d_model) ** lr_width_exponent
+    none = "none"
+
+
+def _at_least(node: str, obj, **lows) -> None:
+    for key, low in lows.items():
+        value = getattr(obj, key)
+        if not value >= low:
+            raise ConfigError(f"{node + '.' if node else ''}{key}={value} must be >= {low}")
+
+
+def _fraction(node: str, key: str, value: float, *, open_low: bool = False, open_high: bool = False) -> None:
+    lo_ok = value > 0 if open_low else value >= 0
+    hi_ok = value < 1 if open_high else value <= 1
+    if not (math.isfinite(value) and lo_ok and hi_ok):
+        interval = f"{'(' if open_low else '['}0, 1{')' if open_high else ']'}"
+        raise ConfigError(f"{node}.{key}={value} must lie in {interval}")
 
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"  # stdlib: the running interpreter's standard library sources | text
+    name: DataName = DataName.stdlib
     paths: list[str] = field(default_factory=list)  # files or directories, for name=text
-    heldout_fraction: float = 0.02
+    heldout_fraction: float = 0.02  # share of documents (by a hash of their path) held out
+
+    def __post_init__(self):
+        _fraction("data", "heldout_fraction", self.heldout_fraction, open_low=True, open_high=True)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-3  # peak learning rate at width lr_base_width (see lr_rule)
-    lr_rule: str = "width"  # width: lr * (lr_base_width / d_model) ** lr_width_exponent | none
+    lr_rule: LrRule = LrRule.width
     lr_base_width: int = 128
     lr_width_exponent: float = 0.5
     b1: float = 0.9
@@ -34,10 +83,28 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled; never applied to norms and biases
     clip: float = 1.0  # global gradient-norm clip
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    schedule: Schedule = Schedule.cosine
     warmup_frac: float = 0.05
     decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying linearly to min_lr
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        if self.name != "adamw":
+            raise ConfigError(f"optim.name={self.name!r}; the lab trains with adamw (optim=adamw or optim=adamw_wsd)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr={self.lr} must be a positive number")
+        if not (math.isfinite(self.eps) and self.eps > 0) or not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"optim.eps={self.eps} and optim.clip={self.clip} must be positive numbers")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _at_least("optim", self, lr_base_width=1)
+        for key in ("b1", "b2"):
+            _fraction("optim", key, getattr(self, key), open_high=True)
+        for key in ("warmup_frac", "decay_frac", "min_lr_ratio"):
+            _fraction("optim", key, getattr(self, key))
+        if self.warmup_frac + self.decay_frac > 1:
+            raise ConfigError(f"optim.warmup_frac + optim.decay_frac = {self.warmup_frac + self.decay_frac:g} "
+                              "exceeds the run; make their sum at most 1")
 
 
 @dataclass
@@ -56,12 +123,24 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    def __post_init__(self):
+        _at_least("train", self, tokens=1, batch_size=1, seq_len=1, eval_every=0, evals=1, eval_windows=1,
+                  eval_batch=1, log_every=1, checkpoint_every_steps=0, keep_checkpoints=1)
+        if not (self.checkpoint_every_s >= 0):
+            raise ConfigError(f"train.checkpoint_every_s={self.checkpoint_every_s} must be >= 0 "
+                              "(seconds between checkpoints)")
+
 
 @dataclass
 class MeshConfig:
     data: int = -1  # -1: whatever devices remain after fsdp x tensor
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        if self.data != -1 and self.data < 1:
+            raise ConfigError(f"mesh.data={self.data} must be >= 1 (or -1: the devices that remain)")
+        _at_least("mesh", self, fsdp=1, tensor=1)
 
 
 @dataclass
@@ -83,38 +162,214 @@ class SweepConfig:
     retry_failed: bool = False  # re-train runs recorded as failed (diverged) instead of skipping them
     dry_run: bool = False  # print the grid and what would be trained, launch nothing
 
-
-@dataclass
-class BenchConfig:
-    """`python -m sweeps.bench`: train-step throughput against the measured matmul peak."""
-
-    size: str = "bench20m"  # ~19M non-embedding parameters with the transformer pattern
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 8  # timed steps after warm-up
-    matmul_n: int = 2048  # square fp32 matmul used to measure the peak
+    def __post_init__(self):
+        _at_least("sweep", self, min_steps=1, bootstrap=0)
+        if not self.group_by:
+            raise ConfigError("sweep.group_by is empty; group by at least one key (e.g. [arch])")
+        for b in self.budgets:
+            if not (math.isfinite(b) and b > 0):
+                raise ConfigError(f"sweep.budgets holds {b}; budgets are positive FLOP counts")
 
 
 @dataclass
 class Config:
+    """`python -m sweeps.run`: one training run, or a sweep of them."""
+
     arch: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     root: str = "runs"
     run_id: str = ""  # empty: derived from the config, so re-running finds its own row
     budget: Optional[float] = None  # the IsoFLOP budget (training FLOPs) this run belongs to; set by the sweeper
 
+    def __post_init__(self):
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+        if not self.root:
+            raise ConfigError("root is empty; name a directory for the results (root=DIR)")
+
+
+@dataclass
+class BenchSettings:
+    size: str = "bench20m"  # ~19M non-embedding parameters with the transformer pattern
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 8  # timed steps after warm-up
+    matmul_n: int = 2048  # square fp32 matmul used to measure the CPU peak
+
+    def __post_init__(self):
+        _at_least("bench", self, seq_len=1, batch_size=1, steps=1, matmul_n=16)
+
+
+@dataclass
+class BenchConfig(Config):
+    """`python -m sweeps.bench`: one train-step throughput measurement."""
+
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+def _sampling_checks(node: str, *, confidence: str, n: int, temperature: float, length: int) -> None:
+    if confidence not in CONFIDENCES:
+        raise ConfigError(f"{node}confidence={confidence!r}; use one of {', '.join(CONFIDENCES)}")
+    if n < 1 or temperature < 0 or length < 0:
+        raise ConfigError(f"need {node}n >= 1, {node}temperature >= 0 and {node}length >= 0; got n={n}, "
+                          f"temperature={temperature}, length={length}")
+
+
+@dataclass
+class SampleConfig:
+    """`python -m sweeps.sample`: samples from a trained checkpoint of either family."""
+
+    root: str = "runs"
+    run: str = ""  # run id or a unique prefix of one; empty: the newest done run in root
+    steps: int = 0  # diffusion denoising steps; 0: one per generated token
+    n: int = 4  # samples (one batch)
+    length: int = 0  # tokens per sample, EOD and prompt included; 0: the run's train.seq_len
+    sampler: str = "ancestral"  # diffusion: ancestral | remask | semiar
+    block_len: int = 32  # semiar: tokens per semi-autoregressive block
+    confidence: str = "prob"  # remask / semiar: prob (LLaDA) | top | margin | random
+    temperature: float = 1.0
+    cache: bool = True  # ancestral: reuse the denoiser output while nothing changed
+    prompt: str = ""
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler={self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        _sampling_checks("", confidence=self.confidence, n=self.n, temperature=self.temperature, length=self.length)
+        _at_least("", self, steps=0, block_len=0, seed=0)
+
+
+@dataclass
+class TradeoffConfig:
+    """`python -m sweeps.sample_tradeoff`: sample quality against denoising steps, next to AR."""
+
+    root: str = "runs"
+    diffusion: str = ""  # diffusion run id (or unique prefix); empty: the most-trained done one
+    ar: str = ""  # AR run to sample; empty: the AR-objective run with training FLOPs closest to the diffusion run's
+    judge: str = ""  # AR run that scores all samples; empty: the AR-objective run with the lowest eval_bpb
+    steps: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256])
+    samplers: list[str] = field(default_factory=lambda: ["ancestral", "remask"])
+    confidence: str = "prob"  # remask's ranking (LLaDA: prob)
+    n: int = 8  # samples per setting (one batch)
+    length: int = 0  # tokens per sample, leading EOD included; 0: the diffusion run's train.seq_len
+    temperature: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [x for x in self.samplers if x not in SAMPLERS]
+        if bad or not self.samplers or not self.steps or min(self.steps) < 1:
+            raise ConfigError(f"samplers must be a non-empty subset of {list(SAMPLERS)} and steps positive integers; "
+                              f"got samplers={self.samplers} steps={self.steps}")
+        _sampling_checks("", confidence=self.confidence, n=self.n, temperature=self.temperature, length=self.length)
+
+
+@dataclass
+class KernelBenchConfig:
+    """`python -m sweeps.bench_kernels`: chunked GDN / SSD kernels against their step references."""
+
+    batch: int = 1
+    T: int = 2048  # length of the chunked-vs-reference comparison
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])  # per-token cost
+    chunk: int = 64
+    repeats: int = 3  # timed calls per measurement
+    heads: int = 4  # GDN heads
+    dk: int = 64  # GDN key dim
+    dv: int = 64  # GDN value dim
+    ssd_heads: int = 4
+    headdim: int = 64  # SSD head dim P
+    dstate: int = 64  # SSD state dim N
+    groups: int = 1  # SSD B/C groups
+    skip_reference: bool = False
+
+    def __post_init__(self):
+        _at_least("", self, batch=1, T=1, chunk=1, repeats=1, heads=1, dk=1, dv=1, ssd_heads=1, headdim=1,
+                  dstate=1, groups=1)
+        if not self.lengths or min(self.lengths) < 1:
+            raise ConfigError(f"lengths={self.lengths} must be a non-empty list of positive lengths")
+
+
+@dataclass
+class LayerBenchConfig:
+    """`python -m sweeps.bench_layers`: per-token training cost of one mixer layer by kind."""
+
+    d_model: int = 256
+    heads: int = 4  # heads of attention and GDN (head dim = d_model / heads)
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
+    kinds: list[str] = field(default_factory=lambda: ["G", "M", "A"])  # G (GDN), M (Mamba-2), A (attention)
+    chunk: int = 64
+    mamba_head_dim: int = 64
+    mamba_d_state: int = 128
+    repeats: int = 3
+    budget_s: float = 6.0  # stop repeating a length after this long
+    doc_mask: bool = True  # segment ids (document masking) on, one document
+
+    def __post_init__(self):
+        _at_least("", self, d_model=1, heads=1, chunk=1, mamba_head_dim=1, mamba_d_state=1, repeats=1)
+        if not self.lengths or min(self.lengths) < 1:
+            raise ConfigError(f"lengths={self.lengths} must be a non-empty list of positive lengths")
+        bad = [k for k in self.kinds if k not in ("G", "M", "A")]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds={self.kinds}: use a non-empty list of G, M and A")
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lab_schema", node=Config)
+    cs.store(name="bench_schema", node=BenchConfig)
     cs.store(group="arch", name="schema", node=ModelConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="tradeoff_schema", node=TradeoffConfig)
+    cs.store(name="kernel_bench_schema", node=KernelBenchConfig)
+    cs.store(name="layer_bench_schema", node=LayerBenchConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="sweep", name="schema", node=SweepConfig)
     cs.store(group="mesh", name="schema", node=MeshConfig)
+
+
+def error_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line composition errors as one line naming the key."""
+    if str(e).startswith("Error merging override") and e.__cause__ is not None:
+        e = e.__cause__  # the override that failed is in the cause's full_key
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    append = next((ln for ln in lines if ln.startswith("To append to your config use")), None)
+    if text.startswith("Could not override") and append:
+        # Our own key check passed, so this is a free-form dict (sweep.grid): keys are added with ++.
+        return f"{text} {append.split(' use ', 1)[1].replace('+', '++', 1)} sets its keys (note the ++)"
+    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    if "Available options" in str(e):
+        opts = []
+        for ln in lines[1:]:
+            if ln.startswith("Config search path"):
+                break
+            if not ln.startswith("Available"):
+                opts.append(ln)
+        text += f"; available: {', '.join(opts)}"
+    if "could not be converted to Integer" in text:
+        text += "; write a whole number (e.g. 3000000, not 3e6)"
+    elif "could not be converted to Float" in text:
+        text += "; give a number"
+    elif "could not be converted to Boolean" in text:
+        text += "; give true or false"
+    return f"{full_key}: {text}" if full_key else text
+
+
+def to_typed(cfg: DictConfig):
+    """The composed config as its dataclass (every node's __post_init__ checks run here)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    if "arch" in cfg.keys() and OmegaConf.is_missing(cfg, "arch"):
+        raise ConfigError(f"no architecture chosen: pass +arch=NAME with NAME one of {', '.join(arch_names())}")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(error_line(e)) from None

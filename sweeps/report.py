@@ -46,7 +46,7 @@ DEFAULT_EXCLUDE = ("lr_scan",)
 
 def load_rows(root: str | Path) -> list[dict]:
     """Every row of ROOT/results.sqlite, with `config` parsed and the eval curve attached."""
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     path = Path(root) / "results.sqlite"
     if not path.exists():
@@ -169,7 +169,10 @@ def analyse_group(key: str, vals: dict, rows: list[dict], *, n_boot: int, seed: 
 
     ok = [r for r in rows if r["status"] == "done" and r["eval_bpb"] is not None and math.isfinite(r["eval_bpb"])
           and r["flops"]]
-    from sweeps.results import is_resumable
+    from sweeps.engine.records import INTERRUPTED_PREFIXES
+
+    def is_resumable(r):
+        return str(r.get("error") or "").startswith(INTERRUPTED_PREFIXES)
 
     ok_ids = {r["run_id"] for r in ok}
     # interrupted (killed, preempted) runs are incomplete, not failed: re-running the sweep resumes them

@@ -10,20 +10,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
-def compose(overrides: list[str]):
-    """The config exactly as `python -m sweeps.run ...overrides` would see it (minus hydra.*)."""
+def compose(overrides: list[str], config_name: str = "config"):
+    """The typed config exactly as `python -m sweeps.run ...overrides` (or the entry point of
+    `config_name`) would hand it to the engine."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sweeps.config import register_configs
+    from sweeps.config import register_configs, to_typed
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return to_typed(hydra_compose(config_name=config_name, overrides=overrides))
 
 
 def run_cli(args: list[str], *, cwd=None, timeout=600, env_extra=None):
@@ -49,6 +49,6 @@ def _compile_cache():
 
 @pytest.fixture(scope="session")
 def stdlib_corpus():
-    from sweeps.data import load_corpus
+    from sweeps.engine.data import load_corpus
 
     return load_corpus("stdlib")

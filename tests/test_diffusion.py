@@ -180,11 +180,11 @@ def test_real_denoiser_never_produces_mask_and_trains():
 
 
 def test_config_composes_and_rejects_bad_values():
-    from sweeps.train import make_objective, to_model_config
+    from sweeps.engine.plan import make_objective
     from conftest import compose
 
     cfg = compose(["+arch=diffusion", "sweep=none"])
-    mc = to_model_config(cfg.arch)
+    mc = cfg.arch
     assert isinstance(make_objective(mc), MaskedDiffusionObjective) and not mc.causal
     with pytest.raises(ConfigError, match="schedule"):
         MaskedDiffusionObjective(diffusion_cfg(schedule="sqrt"))
@@ -269,8 +269,8 @@ def test_diffusion_bound_between_ar_nll_and_unigram(tmp_path):
     default, train.tokens): the diffusion NELBO bound must lie above the AR NLL (masked
     diffusion needs more compute for the same loss) and well below the byte-unigram entropy
     (it learned context)."""
-    from sweeps.data import byte_unigram_bits, load_corpus
-    from sweeps.train import train
+    from sweeps.engine.data import byte_unigram_bits, load_corpus
+    from sweeps.engine.loop import train
     from conftest import compose
 
     common = ["sweep=none", f"root={tmp_path}", "train.progress=false", "train.tensorboard=false"]

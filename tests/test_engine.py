@@ -30,9 +30,8 @@ def test_every_config_composes():
     for arch in groups["arch"]:
         cfg = compose([f"+arch={arch}", "sweep=none"])
         from archs.sizes import resolve
-        from sweeps.train import to_model_config
 
-        resolve(to_model_config(cfg.arch))
+        resolve(cfg.arch)
     for group, names in groups.items():
         if group == "arch":
             continue
@@ -83,8 +82,9 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, "tests")
     from conftest import compose
-    from sweeps.train import Trainer, plan_run
-    from sweeps.data import load_corpus, train_batch
+    from sweeps.engine.trainer import Trainer
+    from sweeps.engine.plan import plan_run
+    from sweeps.engine.data import load_corpus, train_batch
     corpus = load_corpus("stdlib")
     base = ["+arch=ar", "sweep=none", "arch.size=xxs", "arch.d_model=64", "arch.n_heads=4", "arch.n_kv_heads=2",
             "train.seq_len=32", "train.batch_size=8", "train.tokens=100000"]
@@ -120,8 +120,8 @@ def test_sharded_step_matches_single_device():
 
 
 def test_same_seed_same_metrics(tmp_path, stdlib_corpus):
-    from sweeps.data import train_batch
-    from sweeps.train import train
+    from sweeps.engine.data import train_batch
+    from sweeps.engine.loop import train
 
     # the batch for step s does not depend on how the run got there
     a = train_batch(stdlib_corpus, 3, 7, 4, 16)
@@ -142,7 +142,7 @@ def test_same_seed_same_metrics(tmp_path, stdlib_corpus):
 
 def test_single_run_command_learns_and_writes_its_row(tmp_path, stdlib_corpus):
     """`python -m sweeps.run +arch=ar sweep=none`: a done row, held-out bpb far below unigram."""
-    from sweeps.data import byte_unigram_bits
+    from sweeps.engine.data import byte_unigram_bits
 
     root = tmp_path / "root"
     proc = run_cli(["-m", "sweeps.run", "+arch=ar", "sweep=none", *SMALL_RUN, "train.tokens=200000",

@@ -116,7 +116,7 @@ def _wait_for_step(proc: _Proc, root: Path, step: int, timeout: float = 300) -> 
 
 
 def _row(root: Path) -> dict:
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     (row,) = ResultsDB(root).rows()
     return row
@@ -171,7 +171,7 @@ def _resumed_from(output: str) -> int:
 
 def _sigterm(proc: _Proc, root: Path, at: int) -> int:
     """SIGTERM once the run has logged step `at`; checks the clean exit. Returns the saved step."""
-    from sweeps.results import is_resumable
+    from sweeps.engine.records import ResultsDB
 
     _wait_for_step(proc, root, at)
     os.kill(proc.p.pid, signal.SIGTERM)
@@ -185,7 +185,7 @@ def _sigterm(proc: _Proc, root: Path, at: int) -> int:
     (rdir,) = (root / "runs").iterdir()
     assert (rdir / "ckpt" / str(step)).is_dir()
     row = _row(root)
-    assert row["status"] == "failed" and row["error"].startswith("preempted") and is_resumable(row), row
+    assert row["status"] == "failed" and row["error"].startswith("preempted") and ResultsDB(root).is_resumable(row), row
     return step
 
 
@@ -286,7 +286,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, dama
     garbage, which the integrity manifest catches."""
     import numpy as np
 
-    from sweeps.checkpoint import Checkpointer
+    from sweeps.engine.checkpoint import Checkpointer
 
     d = tmp_path / "ckpt"
     c = Checkpointer(d, 2, owner=True)
@@ -311,7 +311,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, dama
     np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(_tiny_state(1.0)[0]["w"]))
     assert "warning: checkpoint at step 20 is unreadable" in err and "trying the previous one" in err
     assert "Traceback" not in err and "never retrieved" not in err
-    assert c.steps() == [10] and len(list((tmp_path / "ckpt.unreadable").iterdir())) == 1
+    assert c.committed_steps() == [10] and len(list((tmp_path / "ckpt.unreadable").iterdir())) == 1
     assert c.save(20, *_tiny_state(3.0))  # the resumed run can write that step again
     c.close()
 
@@ -319,7 +319,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, dama
 _UNSEALED_SCRIPT = """
 import os, sys, jax, jax.numpy as jnp
 from pathlib import Path
-from sweeps.checkpoint import Checkpointer
+from sweeps.engine.checkpoint import Checkpointer
 d = Path(sys.argv[1])
 keys = jax.random.split(jax.random.key(0), 8)  # incompressible data: the array files are the largest
 params = {f"w{i}": jax.random.normal(keys[i], (256, 256)) for i in range(6)}
@@ -355,7 +355,7 @@ def test_interrupted_save_never_becomes_the_latest(tmp_path):
     d = tmp_path / "ckpt"
     code = (
         "import sys, time, jax.numpy as jnp\n"
-        "from sweeps.checkpoint import Checkpointer\n"
+        "from sweeps.engine.checkpoint import Checkpointer\n"
         "c = Checkpointer(sys.argv[1], 2, owner=True)\n"
         "c.save(1, {'w': jnp.ones((8, 8))}, {'m': jnp.zeros(1)}); c.wait()\n"
         "big = {'w': jnp.ones((4096, 8192))}\n"  # 128 MB: the write takes a while
@@ -374,15 +374,15 @@ def test_interrupted_save_never_becomes_the_latest(tmp_path):
     proc.wait()
     if (d / "2").exists():
         pytest.skip("the 128 MB save finished before the kill landed (machine too fast for this check)")
-    from sweeps.checkpoint import Checkpointer
+    from sweeps.engine.checkpoint import Checkpointer
 
     c = Checkpointer(d, 2, owner=True)
-    assert c.steps() == [1]
+    assert c.committed_steps() == [1]
     step, params, _ = c.restore_latest(_abstract({"w": _ones((8, 8))}), _abstract({"m": _ones((1,))}))
     assert step == 1
     assert c.save(2, {"w": _ones((8, 8))}, {"m": _ones((1,))})  # the leftover does not block step 2
     c.close()
-    assert c.steps() == [2, 1] and not list(d.glob("*.orbax-checkpoint-tmp*"))
+    assert c.committed_steps() == [2, 1] and not list(d.glob("*.orbax-checkpoint-tmp*"))
 
 
 def _ones(shape):
@@ -399,8 +399,8 @@ def _small_cfg(corpus: Path, root: Path, *extra: str):
 
 
 def test_divergence_gives_a_failed_row_naming_the_step(corpus, tmp_path, capsys):
-    from sweeps.runtime import guarded
-    from sweeps.train import train
+    from sweeps.cli import guarded
+    from sweeps.engine.loop import train
 
     row = train(_small_cfg(corpus, tmp_path, "optim.lr=1e9"))
     assert row["status"] == "failed" and row["eval_bpb"] is None and row["pid"] is None
@@ -417,8 +417,8 @@ def test_divergence_gives_a_failed_row_naming_the_step(corpus, tmp_path, capsys)
 
 @pytest.mark.parametrize("where", ["build", "step"])
 def test_exception_in_training_marks_the_row_failed_and_propagates(corpus, tmp_path, monkeypatch, where):
-    from sweeps import train as T
-    from sweeps.results import is_resumable
+    from sweeps.engine import loop as T
+    from sweeps.engine.records import ResultsDB
 
     calls = []
 
@@ -433,12 +433,12 @@ def test_exception_in_training_marks_the_row_failed_and_propagates(corpus, tmp_p
     assert calls == [where]
     assert row["status"] == "failed" and row["pid"] is None
     assert row["error"] == "RuntimeError: RESOURCE_EXHAUSTED: simulated XLA failure"
-    assert not is_resumable(row)  # an error of its own: a sweep does not retry it by default
+    assert not ResultsDB(tmp_path).is_resumable(row)  # an error of its own: a sweep does not retry it by default
 
 
 def test_sigterm_while_building_stops_before_the_first_step(corpus, tmp_path, monkeypatch):
-    from sweeps import train as T
-    from sweeps.results import is_resumable
+    from sweeps.engine import loop as T
+    from sweeps.engine.records import ResultsDB
 
     build = T.Trainer.__init__
 
@@ -453,25 +453,45 @@ def test_sigterm_while_building_stops_before_the_first_step(corpus, tmp_path, mo
         T.train(_small_cfg(corpus, tmp_path))
     assert not stepped
     row = _row(tmp_path)
-    assert row["status"] == "failed" and row["error"].startswith("preempted") and is_resumable(row)
+    assert row["status"] == "failed" and row["error"].startswith("preempted") and ResultsDB(tmp_path).is_resumable(row)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+_HOLD_LOCK = (
+    "import sys, time\n"
+    "from sweeps.engine.liveness import RunLock\n"
+    "assert RunLock(sys.argv[1], sys.argv[2]).acquire()\n"
+    "print('holding', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _lock_holder(root: Path, run_id: str) -> subprocess.Popen:
+    """Another process that holds the run's lock (as a live trainer does)."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root), run_id], cwd=ROOT, env=_env(),
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "holding"
+    return p
 
 
 def test_a_run_owned_by_a_live_process_is_not_trained_twice(corpus, tmp_path):
     from archs.errors import ConfigError
-    from sweeps.results import ResultsDB
-    from sweeps.train import run_id_for, train
+    from sweeps.engine.loop import train
+    from sweeps.engine.plan import run_id_for
+    from sweeps.engine.records import ResultsDB
 
     cfg = _small_cfg(corpus, tmp_path)
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    rid = run_id_for(cfg)
+    db = ResultsDB(tmp_path)
+    claim, lock = db.claim(rid, {"arch": "ar"})
+    assert claim == "claimed"
+    lock.release()
+    owner = _lock_holder(tmp_path, rid)
     try:
-        time.sleep(0.2)
-        db = ResultsDB(tmp_path)
-        db.claim(run_id_for(cfg), {"arch": "ar"})
-        db.update(run_id_for(cfg), pid=owner.pid, heartbeat=time.time())
+        assert db.mark_dead() == []  # its lock is held: alive, whatever its pid column says
         with pytest.raises(ConfigError, match="is being trained by another live process"):
             train(cfg)
-        assert db.get(run_id_for(cfg))["status"] == "running" and db.get(run_id_for(cfg))["pid"] == owner.pid
+        assert db.get(rid)["status"] == "running"
     finally:
         owner.kill()
         owner.wait()
@@ -536,14 +556,16 @@ def test_bad_input_is_caught_before_any_compilation(tmp_path):
     import jax
 
     from archs.errors import ConfigError
-    from sweeps.train import train
+    from sweeps.engine.loop import train
 
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("print('hello')\n" * 30)
     events = []
 
     def listener(event, duration, **kw):
-        if "compil" in event:
+        # Tracing shapes (the abstract model build that checks a config) is not compiling; lowering,
+        # backend compilation and compilation-cache reads are.
+        if "compil" in event and "jaxpr_trace" not in event:
             events.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -582,26 +604,26 @@ def test_more_bad_inputs_fail_fast_with_one_line(tmp_path, corpus):
 
 def _db_worker(root: str, worker: int, shared: int, own: int, out) -> None:
     """Claim and finish shared runs (racing the other workers) and write rows of its own."""
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import EvalRecord, ResultsDB
 
     db = ResultsDB(root)
     ids = [f"shared-{i:03d}" for i in range(shared)] + [f"w{worker}-{i:03d}" for i in range(own)]
     random.Random(worker).shuffle(ids)
     claimed = []
     for rid in ids:
-        res = db.claim(rid, {"arch": "ar", "params": 1, "tokens": 2, "flops": 3.0, "config": {"worker": worker}})
+        res, lock = db.claim(rid, {"arch": "ar", "params": 1, "tokens": 2, "flops": 3.0, "config": {"worker": worker}})
         if res != "claimed":
             continue
         claimed.append(rid)
         for step in (1, 2, 3):
-            db.add_eval(rid, step, step * 10, step * 100.0, 5.0 - step, 4.0)
-        db.heartbeat(rid)
+            db.add_eval(EvalRecord(rid, step, step * 10, step * 100.0, 5.0 - step, 4.0))
         db.update(rid, status="done", eval_bpb=1.5, error=None, pid=None, wall_s=0.1)
+        lock.release()
     out.put((worker, claimed))
 
 
 def test_concurrent_writers_never_lose_or_duplicate_rows(tmp_path):
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -629,10 +651,10 @@ def test_concurrent_writers_never_lose_or_duplicate_rows(tmp_path):
 
 def _hold_write_lock(root: str, ready) -> None:
     """Claim a run, then open a write transaction, write into it and hang there (to be killed)."""
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     db = ResultsDB(root)
-    db.claim("killed-run", {"arch": "ar"})
+    db.claim("killed-run", {"arch": "ar"})  # the lock dies with this process
     con = db._connect()
     con.execute("BEGIN IMMEDIATE")
     for i in range(500):
@@ -643,7 +665,7 @@ def _hold_write_lock(root: str, ready) -> None:
 
 
 def test_writer_killed_mid_transaction_leaves_db_consistent_and_unlocked(tmp_path):
-    from sweeps.results import ResultsDB, is_resumable
+    from sweeps.engine.records import ResultsDB
 
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
@@ -654,42 +676,45 @@ def test_writer_killed_mid_transaction_leaves_db_consistent_and_unlocked(tmp_pat
     p.join(30)
     db = ResultsDB(tmp_path)
     t = time.time()
-    db.claim("next-run", {"arch": "ar"})  # the lock died with its process
+    _, lock = db.claim("next-run", {"arch": "ar"})  # the database lock died with its process
     db.update("next-run", status="done", pid=None)
+    lock.release()
     assert time.time() - t < 5
     con = sqlite3.connect(tmp_path / "results.sqlite")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT COUNT(*) FROM evals").fetchone()[0] == 0  # the open transaction rolled back
     con.close()
     row = db.get("killed-run")
-    assert row["status"] == "running" and row["eval_bpb"] is None and is_resumable(row)
+    assert row["status"] == "running" and row["eval_bpb"] is None and db.is_resumable(row)
     assert db.mark_dead() == ["killed-run"]
     row = db.get("killed-run")
-    assert row["status"] == "failed" and row["error"].startswith("interrupted") and is_resumable(row)
+    assert row["status"] == "failed" and row["error"].startswith("interrupted") and db.is_resumable(row)
     assert db.get("next-run")["status"] == "done"
 
 
-def test_dead_owner_detection_survives_pid_reuse_and_zombies(tmp_path):
-    """A `running` row whose pid now belongs to a younger process, or to a zombie, is dead, not busy."""
-    import socket
+def test_liveness_is_the_lock_not_the_pid(tmp_path):
+    """A row is alive exactly while its run holds its lock: a killed owner (even a zombie that
+    nobody has reaped yet) is dead at once, and a pid that happens to be alive means nothing."""
+    from sweeps.engine.records import ResultsDB
 
-    from sweeps.results import _alive
-
-    before = time.time()
-    time.sleep(0.05)
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    db = ResultsDB(tmp_path)
+    _, lock = db.claim("r1", {"arch": "ar"})
+    lock.release()
+    assert db.mark_dead() == ["r1"]  # released without finishing: the process went away
+    _, lock = db.claim("r2", {"arch": "ar"})
+    lock.release()
+    p = _lock_holder(tmp_path, "r2")  # another process trains it now
     try:
-        time.sleep(0.2)
-        host = socket.gethostname()
-        assert _alive(host, p.pid, time.time(), time.time())  # it beat after it started: alive
-        assert not _alive(host, p.pid, before - 3600, time.time())  # last beat long before it started
+        row = db.get("r2")
+        assert db.is_alive("r2") and not db.is_resumable(row) and db.mark_dead() == []
+        db.update("r2", status="running", pid=os.getpid())  # a live pid in the row is not what counts
         p.kill()
-        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # blocks until it is a zombie, leaves it unreaped
-        assert not _alive(host, p.pid, time.time(), time.time())  # killed, not yet reaped: a zombie
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # a zombie: killed, not yet reaped
+        assert not db.is_alive("r2") and db.is_resumable(db.get("r2"))
+        assert db.mark_dead() == ["r2"] and db.get("r2")["error"].startswith("interrupted")
     finally:
         p.kill()
         p.wait()
-    assert not _alive(host, p.pid, time.time(), time.time())  # gone
 
 
 # --- a sweep with one diverging learning rate still fits the rest -------------------------------
@@ -704,7 +729,7 @@ def test_sweep_with_diverging_points_fits_the_rest(tmp_path):
                     "sweep.sizes=[50k]", "sweep.min_steps=5", "sweep.bootstrap=20", "optim.lr=3.0e-3,1.0e9",
                     f"root={tmp_path}"], tmp_path / "sweep.log")
     assert rc == 0, out[-4000:]
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     rows = ResultsDB(tmp_path).rows()
     done = [r for r in rows if r["status"] == "done"]

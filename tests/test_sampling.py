@@ -81,9 +81,9 @@ def test_gumbel_argmax_float64_matches_probabilities():
 def test_params_only_restore_after_saving(tmp_path):
     import jax
 
-    from sweeps.checkpoint import Checkpointer
+    from sweeps.engine.checkpoint import Checkpointer
 
-    ck = Checkpointer(tmp_path / "ckpt")
+    ck = Checkpointer(tmp_path / "ckpt", owner=True)
     params = {"w": jnp.ones((3, 2)), "b": {"c": jnp.arange(4.0)}}
     opt = {"mu": jnp.zeros((3, 2)), "count": jnp.int32(7)}
     ck.save(5, params, opt)
@@ -99,8 +99,8 @@ def _fake_run(root, run_id, mc: ModelConfig, *, eval_bpb, flops, seq_len=16):
     """A results row + run dir + checkpoint for an untrained tiny model (no training needed)."""
     from omegaconf import OmegaConf
 
-    from sweeps.checkpoint import Checkpointer
-    from sweeps.results import ResultsDB
+    from sweeps.engine.checkpoint import Checkpointer
+    from sweeps.engine.records import ResultsDB
     from conftest import compose
 
     arch = "diffusion" if mc.objective == "diffusion" else "ar"
@@ -108,17 +108,17 @@ def _fake_run(root, run_id, mc: ModelConfig, *, eval_bpb, flops, seq_len=16):
                    "arch.d_model=32", "arch.n_layers=1", "arch.n_heads=2"])
     rdir = root / "runs" / run_id
     rdir.mkdir(parents=True)
-    (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    from sweeps.train import to_model_config
+    (rdir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    model = Model(to_model_config(cfg.arch), rngs=nnx.Rngs(0))
+    model = Model(cfg.arch, rngs=nnx.Rngs(0))
     state = nnx.to_pure_dict(nnx.state(model))
-    ck = Checkpointer(rdir / "ckpt")
+    ck = Checkpointer(rdir / "ckpt", owner=True)
     ck.save(1, state, {"count": jnp.int32(0)})
     ck.close()
     db = ResultsDB(root)
-    db.claim(run_id, {"arch": arch, "objective": mc.objective, "params": 1, "tokens": 100, "flops": flops})
+    _, lock = db.claim(run_id, {"arch": arch, "objective": mc.objective, "params": 1, "tokens": 100, "flops": flops})
     db.update(run_id, status="done", eval_bpb=eval_bpb, pid=None)
+    lock.release()
 
 
 @pytest.fixture(scope="module")
@@ -130,32 +130,39 @@ def tiny_root(tmp_path_factory):
 
 
 def test_sample_command_both_families(tiny_root, capsys):
-    from sweeps.sample import main
+    from conftest import compose
+    from sweeps.tools.sample import main
 
-    main([f"root={tiny_root}", "run=diffusion", "steps=4", "n=2", "progress=false", "sampler=semiar", "block_len=5"])
+    main(compose([f"root={tiny_root}", "run=diffusion", "steps=4", "n=2", "progress=false", "sampler=semiar",
+                  "block_len=5"], "sample"))
     out = capsys.readouterr().out
     assert "diffusion-tiny" in out and "4 steps" in out and out.count("----- sample") == 2
-    main([f"root={tiny_root}", "run=ar-tiny", "n=2", "progress=false", "prompt=def"])
+    main(compose([f"root={tiny_root}", "run=ar-tiny", "n=2", "progress=false", "prompt=def"], "sample"))
     out = capsys.readouterr().out
     assert "KV-cache" in out and out.count("----- sample") == 2 and "def" in out
 
 
 def test_sample_command_rejects_typos(tiny_root):
     from archs.errors import ConfigError
-    from sweeps.sample import main
+    from conftest import compose
+    from sweeps.cli import check_command_line
+    from sweeps.config import SampleConfig
+    from sweeps.tools.sample import main
 
-    with pytest.raises(ConfigError, match="stpes"):
-        main([f"root={tiny_root}", "stpes=4"])
+    with pytest.raises(ConfigError, match="'stpes'.*did you mean steps"):
+        check_command_line("sample", SampleConfig, [f"root={tiny_root}", "stpes=4"])
     with pytest.raises(ConfigError, match="matches no run"):
-        main([f"root={tiny_root}", "run=zzz"])
+        main(compose([f"root={tiny_root}", "run=zzz"], "sample"))
 
 
 def test_tradeoff_report(tiny_root):
     import json
 
-    from sweeps.sample_tradeoff import main
+    from conftest import compose
+    from sweeps.tools.tradeoff import main
 
-    main([f"root={tiny_root}", "steps=[2,15]", "n=3", "progress=false", "samplers=[ancestral,remask]"])
+    main(compose([f"root={tiny_root}", "steps=[2,15]", "n=3", "progress=false", "samplers=[ancestral,remask]"],
+                 "sample_tradeoff"))
     rep = tiny_root / "report"
     res = json.loads((rep / "sampling_tradeoff.json").read_text())
     fam = [(r["family"], r["sampler"], r["steps"]) for r in res["rows"]]

@@ -21,7 +21,7 @@ def test_isoflop_grid_pairs_sizes_with_tokens_at_each_budget():
     from archs.config import ModelConfig
     from archs.flops import flops_per_token
     from archs.sizes import resolve
-    from sweeps.sweeper import isoflop_grid
+    from sweeps.grid.isoflop import isoflop_grid
 
     budgets, sizes = [3e11, 1e11, 1e12], ["50k", "xxs", "200k", "xs"]
     points, dropped = isoflop_grid(ModelConfig(size="s"), budgets, sizes, seq_len=64, batch_size=8, min_steps=40)
@@ -53,11 +53,11 @@ def test_isoflop_grid_pairs_sizes_with_tokens_at_each_budget():
 def test_grid_points_become_hydra_overrides_that_train_plans_at_the_budget():
     """The overrides a point hands to its Hydra job compose, and the engine's own plan of that job
     spends the budget (same FLOP count, same step rounding)."""
-    from sweeps.sweeper import expand_grid, isoflop_grid, with_extra
-    from sweeps.train import plan_run, to_model_config
+    from sweeps.grid.isoflop import expand_grid, isoflop_grid, with_extra
+    from sweeps.engine.plan import plan_run
 
     base = compose(["+arch=hybrid", "sweep=smoke"])
-    points, _ = isoflop_grid(to_model_config(base.arch), [2e10, 6e10], ["50k", "xxs", "3e5"],
+    points, _ = isoflop_grid(base.arch, [2e10, 6e10], ["50k", "xxs", "3e5"],
                              seq_len=base.train.seq_len, batch_size=base.train.batch_size, min_steps=5)
     points = with_extra(points, expand_grid({"optim.lr": [1e-3, 0.004], "arch.pattern": ["GGGA"]}))
     assert len(points) == 2 * 3 * 2
@@ -73,7 +73,7 @@ def test_grid_points_become_hydra_overrides_that_train_plans_at_the_budget():
 def test_grid_refuses_bad_input():
     from archs.config import ModelConfig
     from archs.errors import ConfigError
-    from sweeps.sweeper import expand_grid, isoflop_grid
+    from sweeps.grid.isoflop import expand_grid, isoflop_grid
 
     with pytest.raises(ConfigError, match="budgets is empty"):
         isoflop_grid(ModelConfig(), [], ["xxs"], seq_len=64, batch_size=8)
@@ -132,12 +132,11 @@ def _rows(root):
 
 
 def test_smoke_sweep_records_every_point(smoke_root):
-    from sweeps.sweeper import isoflop_grid
-    from sweeps.train import to_model_config
+    from sweeps.grid.isoflop import isoflop_grid
 
     rows = _rows(smoke_root)
     cfg = compose(["+arch=ar", "sweep=smoke"])
-    points, _ = isoflop_grid(to_model_config(cfg.arch), list(cfg.sweep.budgets), list(cfg.sweep.sizes),
+    points, _ = isoflop_grid(cfg.arch, list(cfg.sweep.budgets), list(cfg.sweep.sizes),
                              seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                              min_steps=cfg.sweep.min_steps)
     assert len(points) >= 4 and len(rows) == len(points)
@@ -241,7 +240,7 @@ def _write_law(db, arch, pattern, shift, budgets=BUDGETS, sweep="default"):
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    from sweeps.results import ResultsDB
+    from sweeps.engine.records import ResultsDB
 
     root = tmp_path_factory.mktemp("synthetic")
     db = ResultsDB(root)

@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from archs.errors import ConfigError
+from archs.tokens import BYTES
 
-EOD, MASK, PAD = 256, 257, 258
-VOCAB = 259
+EOD, MASK, PAD = BYTES.eod, BYTES.mask, BYTES.pad
+VOCAB = BYTES.size
+# data=text reads the whole corpus into memory (as uint16, twice its size); beyond this share of
+# the available memory it must be prepared into token shards instead (python -m sweeps.prepare).
+MAX_MEMORY_SHARE = 0.25
 # Files are assigned to the held-out split by a hash of their relative path: stable under
 # additions to the corpus and independent of file-system order.
 _SPLIT_SALT = b"difflab-heldout-v1"
@@ -56,22 +60,63 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def available_memory() -> int:
+    """Bytes of memory available to this process now (Linux MemAvailable; else total physical)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _regular_file(p: Path) -> None:
+    """A data file must be a regular, readable file: FIFOs, devices and sockets are refused (they
+    hang or never end), unreadable files named."""
+    import stat
+
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ConfigError(f"data path {str(p)!r} is {kind}; data.paths takes regular text files or directories")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"data file {str(p)!r} is not readable (permission denied); fix its permissions or data.paths")
+
+
 def _user_files(paths: list[str]) -> list[tuple[str, Path]]:
     if not paths:
         raise ConfigError("data=text needs data.paths=[FILE_OR_DIR,...]; none were given")
     out = []
     for raw in paths:
-        p = Path(os.path.expanduser(str(raw)))
+        p = Path(os.path.expanduser(str(raw))).absolute()
         if not p.exists():
-            raise ConfigError(f"data path {str(p)!r} does not exist; fix data.paths")
+            where = "" if Path(os.path.expanduser(str(raw))).is_absolute() else f" in {os.getcwd()}"
+            raise ConfigError(f"data path {str(raw)!r} does not exist{where}; fix data.paths")
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
             if not found:
                 raise ConfigError(f"data path {str(p)!r} is a directory with no files; fix data.paths")
             out += [(q.relative_to(p).as_posix(), q) for q in found]
         else:
+            _regular_file(p)
             out.append((p.name, p))
+    total = sum(q.stat().st_size for _, q in out)
+    limit = MAX_MEMORY_SHARE * available_memory() / 2  # held as uint16
+    if total > limit:
+        raise ConfigError(
+            f"data.paths hold {total / 2**30:.1f} GiB of text, more than data=text reads into memory here "
+            f"({limit / 2**30:.1f} GiB); tokenise it once with python -m sweeps.prepare and train with data=tokens")
     return out
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read data file {str(path)!r} ({e.strerror or e}); fix or remove it from data.paths") \
+            from None
 
 
 def _is_heldout(rel: str, fraction: float) -> bool:
@@ -103,13 +148,14 @@ def load_corpus(name: str, paths: list[str] | None = None, heldout_fraction: flo
     digest = hashlib.sha256()
     train_docs, held_docs = [], []
     for rel, path in named:
-        blob = path.read_bytes()
+        blob = _read(path)
         if not blob:
             continue
         digest.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
         (held_docs if _is_heldout(rel, heldout_fraction) else train_docs).append(blob)
     if not train_docs and not held_docs:
-        raise ConfigError(f"data paths {paths} hold no bytes; point data.paths at non-empty text files")
+        raise ConfigError(f"data paths {', '.join(map(str, paths or []))} hold no bytes; point data.paths at "
+                          "non-empty text files")
     if not train_docs or not held_docs:
         # Too few files to split by file (e.g. one text file): hold out the stream's tail instead.
         stream = _stream(train_docs + held_docs)
@@ -157,7 +203,7 @@ def eval_windows(corpus: Corpus, seq_len: int, n_windows: int) -> np.ndarray:
 
 def n_bytes(targets: np.ndarray) -> int:
     """Bytes of text behind a block of target tokens (special tokens carry no bytes)."""
-    return int((np.asarray(targets) < 256).sum())
+    return int((np.asarray(targets) < BYTES.n_text).sum())
 
 
 def byte_unigram_bits(stream: np.ndarray) -> float:

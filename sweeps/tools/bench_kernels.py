@@ -1,7 +1,7 @@
 """CPU benchmark of the chunked kernels vs the step-by-step references.
 
-    python -m ssm.bench                 # default sizes, < ~3 min on 2 cores
-    python -m ssm.bench --T 1024 --lengths 512,1024 --repeats 3
+    python -m sweeps.bench_kernels                          # default sizes, < ~3 min on 2 cores
+    python -m sweeps.bench_kernels T=1024 'lengths=[512,1024]' repeats=3   (settings: sweeps.config.KernelBenchConfig)
 
 Prints (1) forward+backward time of chunked vs reference at one length, with the speedup,
 and (2) forward+backward time per token of the chunked kernels over a range of lengths.
@@ -9,7 +9,6 @@ and (2) forward+backward time per token of the chunked kernels over a range of l
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
@@ -18,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gated_delta import gated_delta_rule, gated_delta_rule_reference
-from .ssd import ssd, ssd_reference
+from ssm.gated_delta import gated_delta_rule, gated_delta_rule_reference
+from ssm.ssd import ssd, ssd_reference
+from sweeps.config import KernelBenchConfig
 
 
 def _gdn_inputs(rng, B, T, H, K, V):
@@ -73,24 +73,9 @@ def _time(fns, args, repeats):
     return [(statistics.median(w), min(w), statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--T", type=int, default=2048, help="length for chunked-vs-reference")
-    p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="lengths for per-token cost")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
-    p.add_argument("--heads", type=int, default=4, help="GDN heads")
-    p.add_argument("--dk", type=int, default=64, help="GDN key dim")
-    p.add_argument("--dv", type=int, default=64, help="GDN value dim")
-    p.add_argument("--ssd-heads", type=int, default=4)
-    p.add_argument("--headdim", type=int, default=64, help="SSD head dim P")
-    p.add_argument("--dstate", type=int, default=64, help="SSD state dim N")
-    p.add_argument("--groups", type=int, default=1, help="SSD B/C groups")
-    p.add_argument("--skip-reference", action="store_true")
-    a = p.parse_args(argv)
+def main(a: KernelBenchConfig) -> None:
     rng = np.random.default_rng(0)
-    lengths = [int(t) for t in a.lengths.split(",") if t]
+    lengths = list(a.lengths)
 
     kernels = {
         "gated_delta": (
@@ -131,7 +116,3 @@ def main(argv=None):
             n_tok = a.batch * T
             print(f"  {name:12s} {T:6d} {1e3 * t_f:9.2f} {1e3 * t_fb:11.2f} {1e6 * t_f / n_tok:11.3f} "
                   f"{1e6 * t_fb / n_tok:15.3f}", flush=True)
-
-
-if __name__ == "__main__":
-    main()

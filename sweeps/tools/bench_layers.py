@@ -1,11 +1,11 @@
 """Per-token training cost of one token mixer: Gated DeltaNet vs Mamba-2 vs causal attention.
 
-    python -m ssm.bench_layers                          # d_model 256, T 256..8192, < ~4 min on 2 cores
-    python -m ssm.bench_layers --d-model 512 --lengths 1024,4096 --repeats 3
+    python -m sweeps.bench_layers                       # d_model 256, T 256..8192, < ~4 min on 2 cores
+    python -m sweeps.bench_layers d_model=512 'lengths=[1024,4096]' repeats=3   (sweeps.config.LayerBenchConfig)
 
 For each length T it times the jitted forward + backward (gradients w.r.t. the parameters and
-the input) of one mixer layer at batch 1, exactly as the model builder makes it (archs.model
-archs.mixers, document masking on with one document), and prints milliseconds per call and
+the input) of one mixer layer at batch 1, exactly as the model builder makes it (archs.mixers),
+document masking on with one document), and prints milliseconds per call and
 microseconds per token, next to the analytic forward FLOPs per token. Attention's per-token cost
 grows linearly with T (its T^2 score matrix), the recurrent mixers' stays flat, so there is a
 crossover length above which a GDN layer is cheaper than attention on this machine; it is
@@ -14,7 +14,6 @@ printed at the end (interpolated in log T between the measured lengths).
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -30,7 +29,8 @@ from archs.attention import attention_flops
 from archs.mixers import mixer_kind
 from archs.sizes import resolve
 
-from .layers import recurrent_layer_flops
+from ssm.layers import recurrent_layer_flops
+from sweeps.config import LayerBenchConfig
 
 KINDS = {"G": "gated deltanet", "M": "mamba2", "A": "attention"}
 
@@ -85,21 +85,9 @@ def crossover(lengths, cheap, dear) -> float | None:
     return None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4, help="heads of attention and GDN (head dim = d_model / heads)")
-    p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
-    p.add_argument("--kinds", default="G,M,A", help="comma list of G (GDN), M (Mamba-2), A (attention)")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--mamba-head-dim", type=int, default=64)
-    p.add_argument("--mamba-d-state", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=6.0, help="stop repeating a length after this long")
-    p.add_argument("--no-doc-mask", action="store_true", help="no segment ids (no document masking)")
-    a = p.parse_args(argv)
-    lengths = [int(t) for t in a.lengths.split(",") if t]
-    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+def main(a: LayerBenchConfig) -> None:
+    lengths = list(a.lengths)
+    kinds = list(a.kinds)
     cfg = resolve(ModelConfig(
         name="bench", pattern="".join(kinds), d_model=a.d_model, n_layers=1, n_heads=a.heads,
         chunk_size=a.chunk, mamba_head_dim=a.mamba_head_dim, mamba_d_state=a.mamba_d_state,
@@ -107,12 +95,12 @@ def main(argv=None):
     print(f"backend={jax.default_backend()} devices={jax.device_count()} d_model={cfg.d_model} "
           f"heads={cfg.n_heads} head_dim={cfg.head_dim} chunk={cfg.chunk_size} "
           f"mamba(expand={cfg.mamba_expand}, P={cfg.mamba_head_dim}, N={cfg.mamba_d_state}) batch=1 "
-          f"doc_mask={not a.no_doc_mask}; forward+backward of one mixer layer, median of <= {a.repeats}")
+          f"doc_mask={a.doc_mask}; forward+backward of one mixer layer, median of <= {a.repeats}")
     print(f"{'layer':16s} {'T':>6s} {'ms/call':>10s} {'us/token':>10s} {'fwd MFLOP/tok':>14s} {'GFLOP/s':>8s}")
     per_token: dict[str, list[float]] = {k: [] for k in kinds}
     rng = np.random.default_rng(0)
     for kind in kinds:
-        f, params = _layer_fn(cfg, kind, not a.no_doc_mask)
+        f, params = _layer_fn(cfg, kind, a.doc_mask)
         for t in lengths:
             x = jnp.asarray(rng.standard_normal((1, t, cfg.d_model)), jnp.float32)
             sec = _time(f, (params, x), a.repeats, a.budget_s)
@@ -126,7 +114,7 @@ def main(argv=None):
             print(f"\ncrossover: a GDN layer stays dearer than attention up to T={lengths[-1]} on this machine")
         elif x == lengths[0]:
             print(f"\ncrossover: a GDN layer is already cheaper than attention at the shortest length "
-                  f"T={lengths[0]}; pass shorter --lengths to locate it")
+                  f"T={lengths[0]}; pass shorter lengths=[...] to locate it")
         else:
             print(f"\ncrossover: a GDN layer is cheaper than causal attention from T ~ {x:.0f} on this machine "
                   f"(per-token fwd+bwd time, interpolated in log T between measured lengths)")
@@ -137,7 +125,3 @@ def main(argv=None):
     if "M" in kinds and "A" in kinds:
         x = crossover(lengths, per_token["M"], per_token["A"])
         print(f"Mamba-2 vs attention crossover: {'T ~ %.0f' % x if x is not None else 'not reached'}")
-
-
-if __name__ == "__main__":
-    main()

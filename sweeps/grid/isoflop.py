@@ -13,8 +13,8 @@ product of independent size and token lists. Points with fewer than `min_steps` 
 On top of every point, `grid` (a dict of override lists) adds a Cartesian product of extra Hydra
 overrides, e.g. {"optim.lr": [1e-3, 3e-3]} for a learning-rate scan.
 
-The Hydra side (hydra_plugins/isoflop_sweeper) only turns these points into job overrides and
-launches them with whatever launcher is configured.
+The sweep driver (sweeps.grid.sweep) turns these points into job overrides; the Hydra plugin
+(hydra_plugins/isoflop_sweeper) launches them with whatever launcher is configured.
 """
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""Everything about a run that is decided before anything is built: its plan and its identity.
+
+`plan_run` checks the whole config (model shape, objective, budget, mesh, memory) and builds the
+model abstractly (shapes only), so a config that cannot train fails in seconds with one line,
+before a results row, a directory or a compilation exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from archs.config import ModelConfig
+from archs.errors import ConfigError
+from archs.flops import flops_per_token
+from archs.model import Model, count_params
+from archs.objective import AutoregressiveObjective
+from archs.sharding import mesh_shape
+from archs.sizes import resolve
+from diffusion.objective import MaskedDiffusionObjective
+from sweeps.config import Config, LrRule
+from sweeps.engine.data import available_memory
+
+OBJECTIVES = {"ar": AutoregressiveObjective, "diffusion": MaskedDiffusionObjective}
+
+
+def make_objective(model_cfg: ModelConfig):
+    """The objective named by the model config (checks its settings)."""
+    if model_cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"arch.objective={model_cfg.objective!r}; use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[model_cfg.objective](model_cfg)
+
+
+# --- identity ------------------------------------------------------------------------------------
+
+# The fields that change what a run computes (or which IsoFLOP budget it stands for); the run id
+# hashes exactly these, so settings such as logging, checkpoint cadence, the mesh or the output
+# directory never split one run into two.
+RESULT_FIELDS = ("arch", "data", "optim", "train.tokens", "train.batch_size", "train.seq_len", "train.evals",
+                 "train.eval_every", "train.eval_windows", "seed", "budget")
+
+
+def _get(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def result_fields(cfg: Config) -> dict:
+    out = {}
+    for path in RESULT_FIELDS:
+        v = _get(cfg, path)
+        v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        if path == "data":  # the same files under the same absolute paths, from any directory
+            v = dict(v, paths=[str(Path(os.path.expanduser(p)).absolute()) for p in v["paths"]])
+        out[path] = v
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(result_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_id_for(cfg: Config) -> str:
+    """A readable id that is a pure function of the result-affecting fields."""
+    a = cfg.arch
+    return f"{a.name}-{a.size}-{int(cfg.train.tokens)}tok-s{cfg.seed}-{config_hash(cfg)[:8]}"
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+def learning_rate(cfg: Config, d_model: int) -> float:
+    o = cfg.optim
+    if o.lr_rule == LrRule.width:
+        return float(o.lr) * (o.lr_base_width / d_model) ** o.lr_width_exponent
+    return float(o.lr)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything derived from the config before any compilation."""
+
+    model_cfg: ModelConfig  # resolved (every dimension filled in)
+    steps: int
+    tokens: int
+    tokens_per_step: int
+    flops_per_token: float
+    flops: float
+    peak_lr: float
+    mesh_shape: tuple[int, int, int]
+    params: int
+    nonembed_params: int
+
+    @property
+    def n_batch_devices(self) -> int:
+        return self.mesh_shape[0] * self.mesh_shape[1]
+
+
+def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> Model:
+    """The model with shapes only (nothing allocated, nothing compiled); building it runs every
+    layer's own checks."""
+    return nnx.eval_shape(lambda: Model(model_cfg, rngs=nnx.Rngs(params=seed)))
+
+
+def _memory_check(cfg: Config, plan: Plan, n_devices: int) -> None:
+    """Refuse a run whose parameters, Adam state and activations cannot fit, before allocating.
+
+    A lower bound, on purpose (a refusal must be right): fp32 parameters, gradients and two Adam
+    moments (16 bytes per parameter), sharded over fsdp x tensor; activations kept for the
+    backward pass of about 20 d_model values per token per layer plus the fp32 logits, sharded
+    over the batch axes."""
+    mc = plan.model_cfg
+    t = cfg.train
+    data, fsdp, tensor = plan.mesh_shape
+    state = 16 * plan.params / (fsdp * tensor)
+    tokens = t.batch_size * t.seq_len / (data * fsdp)
+    acts = tokens * 4 * (20 * mc.d_model * mc.n_layers + 2 * mc.vocab_size)
+    need = state + acts
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        have, where = float(stats["bytes_limit"]), f"{dev.device_kind} memory per device"
+    else:
+        share = 1 if dev.platform != "cpu" else n_devices  # simulated CPU devices share the host
+        have, where = available_memory() / share, "available host memory" + (" per device" if share > 1 else "")
+    if need > have:
+        raise ConfigError(
+            f"arch.size={mc.size} ({plan.params / 1e6:,.1f}M parameters) with train.batch_size={t.batch_size} x "
+            f"train.seq_len={t.seq_len} needs at least {need / 2**30:,.1f} GiB (fp32 parameters, gradients and Adam "
+            f"moments, activations) but {have / 2**30:,.1f} GiB of {where} is there; choose a smaller arch.size or "
+            "batch, or shard over more devices (mesh.fsdp)")
+
+
+def plan_run(cfg: Config, n_devices: int) -> Plan:
+    model_cfg = resolve(cfg.arch)
+    make_objective(model_cfg)  # objective-specific settings (arch.diffusion.*)
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len
+    if t.tokens < tokens_per_step:
+        raise ConfigError(
+            f"train.tokens={t.tokens} is smaller than one step (batch_size x seq_len = {tokens_per_step}); "
+            "raise train.tokens or shrink the batch"
+        )
+    shape = mesh_shape(cfg.mesh, n_devices)
+    if t.batch_size % (shape[0] * shape[1]):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not split over data x fsdp = {shape[0] * shape[1]} devices; "
+            "make the batch a multiple of it"
+        )
+    n_params, n_nonembed = count_params(abstract_model(model_cfg, cfg.seed))
+    steps = math.ceil(t.tokens / tokens_per_step)
+    fpt = flops_per_token(model_cfg, t.seq_len)
+    tokens = steps * tokens_per_step
+    plan = Plan(model_cfg, steps, tokens, tokens_per_step, fpt, fpt * tokens, learning_rate(cfg, model_cfg.d_model),
+                shape, n_params, n_nonembed)
+    _memory_check(cfg, plan, n_devices)
+    return plan

@@ -1,0 +1,150 @@
+"""The compiled pieces of a run: model, optimizer, shardings, the jitted train step and evaluation.
+
+The batch and the noise of step s are pure functions of (seed, s), and the learning rate is an
+input of the compiled step (not a constant baked into it): runs of one shape share one
+executable whatever their length, which is what makes sweeps of many small runs cheap to compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from archs.errors import ConfigError
+from archs.model import Model
+from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from sweeps.config import Config, OptimConfig, Schedule
+from sweeps.engine.data import n_bytes
+from sweeps.engine.plan import Plan, make_objective
+
+EVAL_KEY = 1234  # the same evaluation noise for every run and arch: comparable numbers
+
+
+def lr_schedule(optim: OptimConfig, total_steps: int, peak_lr: float):
+    warmup = max(1, int(round(optim.warmup_frac * total_steps)))
+    floor = peak_lr * optim.min_lr_ratio
+    if optim.schedule == Schedule.cosine:
+        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), floor)
+    decay = max(1, int(round(optim.decay_frac * total_steps)))
+    stable = max(0, total_steps - warmup - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak_lr, warmup), optax.constant_schedule(peak_lr),
+         optax.linear_schedule(peak_lr, floor, decay)],
+        [warmup, warmup + stable],
+    )
+
+
+def make_optimizer(optim: OptimConfig, peak_lr: float):
+    """AdamW after global-norm clipping; no weight decay on norms and biases (vectors). The
+    learning rate is injected, so each step sets it (with_learning_rate)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip),
+        optax.inject_hyperparams(optax.adamw)(
+            learning_rate=peak_lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+            weight_decay=optim.weight_decay, mask=decay_mask),
+    )
+
+
+def with_learning_rate(opt_state, lr):
+    """The optimizer state with the injected learning rate replaced (see make_optimizer)."""
+    clip_state, adam_state = opt_state
+    hyper = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return clip_state, adam_state._replace(hyperparams=hyper)
+
+
+class Trainer:
+    """Model, optimizer, shardings and jitted step/eval functions for one config."""
+
+    def __init__(self, cfg: Config, plan: Plan, devices=None):
+        self.cfg, self.plan = cfg, plan
+        self.mesh = make_mesh(cfg.mesh, devices)
+        # Build the model abstractly, then initialise every parameter in one compiled call
+        # placed straight into its sharding (eager init compiles each initializer separately).
+        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))  # noqa: E731
+        abstract = nnx.eval_shape(make)
+        self.n_params, self.n_nonembed = plan.params, plan.nonembed_params
+        self.graphdef, abs_state = nnx.split(abstract)
+        self.param_sharding = nnx.to_pure_dict(param_shardings(abs_state, self.mesh))
+        self._abs_params = nnx.to_pure_dict(abs_state)
+        self._init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=self.param_sharding)
+        self.objective = make_objective(plan.model_cfg)
+        self.tx = make_optimizer(cfg.optim, plan.peak_lr)
+        self.lr_schedule = lr_schedule(cfg.optim, plan.steps, plan.peak_lr)
+        self.key = jax.random.key(cfg.seed)
+        self.batch_sharding = batch_sharding(self.mesh)
+        # Optimizer moments take their parameter's sharding by XLA's propagation through
+        # zeros_like; scalars (step counts) come back on one device: replicate them.
+        full = replicated(self.mesh)
+        opt_shardings = jax.jit(self.tx.init).lower(self._abstract_params()).compile().output_shardings
+        self.opt_sharding = jax.tree.map(
+            lambda s: s if len(s.device_set) == self.mesh.size else full, opt_shardings)
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None, None),
+            out_shardings=(self.param_sharding, self.opt_sharding, None),
+            donate_argnums=(0, 1),
+        )
+        self._eval = jax.jit(self._eval_nats, in_shardings=(self.param_sharding, self.batch_sharding, None))
+
+    def init_state(self):
+        params = self._init_params()
+        opt = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
+        return params, opt
+
+    def _abstract_params(self):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self._abs_params, self.param_sharding)
+
+    def abstract_state(self):
+        params = self._abstract_params()
+        opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(self.tx.init, params), self.opt_sharding)
+        return params, opt
+
+    def model(self, params) -> Model:
+        return nnx.merge(self.graphdef, params)
+
+    def _loss(self, params, batch, rng):
+        return self.objective.loss(self.model(params), batch, rng)
+
+    def _train_step(self, params, opt_state, batch, step, lr):
+        opt_state = with_learning_rate(opt_state, lr)
+        rng = jax.random.fold_in(self.key, step)
+        (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+
+    def _eval_nats(self, params, windows, rng):
+        return self.objective.eval_nats(self.model(params), windows, rng)
+
+    def step(self, params, opt_state, batch_np, step: int):
+        batch = jax.device_put(jnp.asarray(batch_np), self.batch_sharding)
+        lr = jnp.asarray(self.lr_schedule(step), jnp.float32)
+        return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32), lr)
+
+    def evaluate(self, params, windows_np: np.ndarray) -> float:
+        """Held-out bits per byte over fixed windows (for diffusion: the NELBO upper bound)."""
+        n_dev = self.plan.n_batch_devices
+        bs = min(self.cfg.train.eval_batch, len(windows_np))
+        bs = max(bs - bs % n_dev, n_dev)
+        n = (len(windows_np) // bs) * bs
+        if n == 0:
+            raise ConfigError(
+                f"only {len(windows_np)} held-out windows, fewer than the {bs} devices of the data axes; "
+                "use fewer devices or more held-out data"
+            )
+        windows_np = windows_np[:n]
+        eval_key = jax.random.key(EVAL_KEY)
+        total = 0.0
+        for i in range(0, n, bs):
+            w = jax.device_put(jnp.asarray(windows_np[i:i + bs]), self.batch_sharding)
+            total += float(jnp.sum(self._eval(params, w, jax.random.fold_in(eval_key, i))))
+        return total / math.log(2) / n_bytes(windows_np[:, 1:])
