@@ -18,6 +18,7 @@ import difflib
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 import hydra

@@ -523,9 +523,8 @@ def _check_bad_inputs(tmp_path: Path, cases: dict) -> None:
         lines = [ln for ln in out.splitlines() if ln.strip()]
         assert "Traceback" not in out, (name, out)
         assert re.search(pattern, out), (name, pattern, out)
-        if name != "hydra_typo":  # Hydra's own composition errors are a few readable lines
-            assert proc.p.returncode == 2, (name, proc.p.returncode)
-            assert len(lines) == 1 and lines[0].startswith("error: "), (name, out)
+        assert proc.p.returncode == 2, (name, proc.p.returncode)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, out)
         # The results database is opened after validation and before the model is built: none
         # means nothing was built or compiled (test_bad_input_is_caught_before_any_compilation).
         assert not (tmp_path / name / "results.sqlite").exists(), name

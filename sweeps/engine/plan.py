@@ -111,17 +111,16 @@ def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> Model:
     return nnx.eval_shape(lambda: Model(model_cfg, rngs=nnx.Rngs(params=seed)))
 
 
-def _memory_check(cfg: Config, plan: Plan, n_devices: int) -> None:
+def _memory_check(cfg: Config, mc: ModelConfig, mesh: tuple[int, int, int], params: float, n_devices: int) -> None:
     """Refuse a run whose parameters, Adam state and activations cannot fit, before allocating.
 
     A lower bound, on purpose (a refusal must be right): fp32 parameters, gradients and two Adam
     moments (16 bytes per parameter), sharded over fsdp x tensor; activations kept for the
     backward pass of about 20 d_model values per token per layer plus the fp32 logits, sharded
     over the batch axes."""
-    mc = plan.model_cfg
     t = cfg.train
-    data, fsdp, tensor = plan.mesh_shape
-    state = 16 * plan.params / (fsdp * tensor)
+    data, fsdp, tensor = mesh
+    state = 16 * params / (fsdp * tensor)
     tokens = t.batch_size * t.seq_len / (data * fsdp)
     acts = tokens * 4 * (20 * mc.d_model * mc.n_layers + 2 * mc.vocab_size)
     need = state + acts
@@ -134,7 +133,7 @@ def _memory_check(cfg: Config, plan: Plan, n_devices: int) -> None:
         have, where = available_memory() / share, "available host memory" + (" per device" if share > 1 else "")
     if need > have:
         raise ConfigError(
-            f"arch.size={mc.size} ({plan.params / 1e6:,.1f}M parameters) with train.batch_size={t.batch_size} x "
+            f"arch.size={mc.size} (at least {params / 1e6:,.1f}M parameters) with train.batch_size={t.batch_size} x "
             f"train.seq_len={t.seq_len} needs at least {need / 2**30:,.1f} GiB (fp32 parameters, gradients and Adam "
             f"moments, activations) but {have / 2**30:,.1f} GiB of {where} is there; choose a smaller arch.size or "
             "batch, or shard over more devices (mesh.fsdp)")
@@ -156,11 +155,14 @@ def plan_run(cfg: Config, n_devices: int) -> Plan:
             f"train.batch_size={t.batch_size} does not split over data x fsdp = {shape[0] * shape[1]} devices; "
             "make the batch a multiple of it"
         )
+    # A lower bound of the parameters (the SwiGLU MLPs and the embeddings alone) refuses absurd
+    # sizes before the abstract build, which traces every layer; the exact count checks again.
+    d, v = model_cfg.d_model, model_cfg.vocab_size
+    _memory_check(cfg, model_cfg, shape, 8 * d * d * model_cfg.n_layers + v * d, n_devices)
     n_params, n_nonembed = count_params(abstract_model(model_cfg, cfg.seed))
+    _memory_check(cfg, model_cfg, shape, n_params, n_devices)
     steps = math.ceil(t.tokens / tokens_per_step)
     fpt = flops_per_token(model_cfg, t.seq_len)
     tokens = steps * tokens_per_step
-    plan = Plan(model_cfg, steps, tokens, tokens_per_step, fpt, fpt * tokens, learning_rate(cfg, model_cfg.d_model),
+    return Plan(model_cfg, steps, tokens, tokens_per_step, fpt, fpt * tokens, learning_rate(cfg, model_cfg.d_model),
                 shape, n_params, n_nonembed)
-    _memory_check(cfg, plan, n_devices)
-    return plan

@@ -34,6 +34,7 @@ from archs.errors import ConfigError
 from sweeps.report import make_report
 from sweeps.config import Config, to_typed
 from sweeps.engine.interrupts import Interrupted, Preempted
+from sweeps.engine.loop import check_root
 from sweeps.engine.plan import plan_run, run_id_for
 from sweeps.engine.records import ResultsDB
 from sweeps.grid.isoflop import GRID_KEYS, describe_grid, expand_grid, isoflop_grid, with_extra
@@ -61,14 +62,14 @@ def split_arguments(parsed_overrides, has_budgets: bool):
     return base, axes
 
 
-def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: Callable) -> list[list[str]]:
-    """Job overrides of every point. The IsoFLOP grid is derived separately for every combination
-    of the extra axes (sweep.grid, comma lists), from the config composed with that combination:
-    an axis that changes the arch (arch.pattern), the sequence length or the batch changes the
-    FLOPs per token, hence every point's token count."""
+def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: Callable):
+    """Job overrides of every point, and the lines that describe the grid. The IsoFLOP grid is
+    derived separately for every combination of the extra axes (sweep.grid, comma lists), from the
+    config composed with that combination: an axis that changes the arch (arch.pattern), the
+    sequence length or the batch changes the FLOPs per token, hence every point's token count."""
     extras = [tuple(a) + tuple(b) for a in expand_grid(cfg.sweep.grid) for b in itertools.product(*axes)]
     if not cfg.sweep.budgets:
-        return [base + list(e) for e in extras]
+        return [base + list(e) for e in extras], []
     points, dropped = [], []
     for extra in extras:
         c = to_typed(job_config(base + list(extra))) if extra else cfg
@@ -78,20 +79,20 @@ def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: C
                             min_tokens_per_param=sw.min_tokens_per_param, max_tokens_per_param=sw.max_tokens_per_param)
         points += with_extra(p, [extra])
         dropped += [(x, extra) for x in d]
-    for d, extra in dropped:
-        say(f"warning: dropping C={d.budget:.3g} size={d.size}{' ' + ' '.join(extra) if extra else ''}: {d.reason}")
+    notes = [f"warning: dropping C={d.budget:.3g} size={d.size}{' ' + ' '.join(extra) if extra else ''}: {d.reason}"
+             for d, extra in dropped]
     if not points:
         raise ConfigError(
-            f"every point of sweep {cfg.sweep.name!r} was dropped (see the warnings); raise sweep.budgets, "
-            "use smaller sizes or relax sweep.min_steps / the tokens-per-parameter bounds")
-    say(describe_grid(points))
-    return [base + p.overrides() for p in points]
+            f"every point of sweep {cfg.sweep.name!r} was dropped ({'; '.join(d.reason for d, _ in dropped[:3])}"
+            f"{'; ...' if len(dropped) > 3 else ''}); raise sweep.budgets, use smaller sizes or relax "
+            "sweep.min_steps / the tokens-per-parameter bounds")
+    return [base + p.overrides() for p in points], notes + [describe_grid(points)]
 
 
 def run_sweep(cfg: Config, parsed_overrides, *, job_config: Callable, launch: Callable,
               max_batch_size: int | None, sequential: bool, sweep_dir: Path, raw_config) -> list[Any]:
     base, axes = split_arguments(parsed_overrides, bool(cfg.sweep.budgets))
-    jobs = grid_jobs(cfg, base, axes, job_config)
+    jobs, notes = grid_jobs(cfg, base, axes, job_config)
     if len(jobs) > 1 and cfg.run_id:
         raise ConfigError("run_id is set, but a sweep trains many runs; drop run_id=... (ids are derived)")
 
@@ -103,6 +104,9 @@ def run_sweep(cfg: Config, parsed_overrides, *, job_config: Callable, launch: Ca
         job = to_typed(job_config(ov))
         plan_run(job, n_devices)
         planned.append((job.run_id or run_id_for(job), ov))
+    for line in notes:
+        say(line)
+    check_root(cfg.root)
     db = ResultsDB(cfg.root)
     todo, skipped, busy = [], [], []
     for rid, ov in planned:
