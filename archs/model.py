@@ -1,7 +1,8 @@
 """The one model builder: embedding -> blocks from a layer pattern -> final norm -> head.
 
 Every arch (AR transformer, diffusion denoiser, Gated DeltaNet / Mamba-2 stacks and hybrids)
-is this class with a different pattern and objective; only the mixer inside a block changes.
+is this class with a different pattern and objective; only the mixer inside a block changes
+(and, with arch.mlp=moe, its MLP: archs.moe).
 """
 
 from __future__ import annotations

@@ -192,8 +192,17 @@ def router_stats(intermediates: nnx.State) -> dict | None:
 
 
 def balance_loss(stats: dict | None, cfg: ModelConfig):
-    """What the training objective adds: aux_weight x aux_loss for balance=aux, else 0."""
-    if stats is None or cfg.mlp != "moe" or cfg.moe.balance != "aux":
+    """What the training objective adds: aux_weight x aux_loss for balance=aux, else 0.
+
+    Raises when an MoE model's forward pass left no statistics (not run under nnx.capture, or
+    its blocks wrapped in a transform that drops them, e.g. jax.checkpoint over nnx.split /
+    merge; nnx.remat keeps them), rather than training silently without balancing."""
+    if cfg.mlp == "moe" and stats is None:
+        raise ValueError(
+            "an MoE model's forward pass recorded no router statistics: call it under "
+            "nnx.capture(fn, nnx.Intermediate) and wrap blocks with nnx transforms (nnx.remat), not raw jax ones"
+        )
+    if cfg.mlp != "moe" or cfg.moe.balance != "aux":
         return jnp.zeros((), jnp.float32)
     return cfg.moe.aux_weight * stats["aux_loss"]
 

@@ -280,6 +280,28 @@ def test_balance_loss_matches_its_formula_on_a_handbuilt_routing():
     w_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, balance="aux", aux_weight=0.01))
     assert float(balance_loss(stats, w_cfg)) == pytest.approx(0.01 * 1.45, rel=1e-5)
     assert float(balance_loss(stats, cfg)) == 0.0  # bias balancing adds no loss
+    # an MoE forward pass that recorded nothing is an error, not a silent zero; dense models add 0
+    with pytest.raises(ValueError, match="nnx.capture"):
+        balance_loss(None, w_cfg)
+    assert float(balance_loss(None, _cfg())) == 0.0
+
+
+def test_router_stats_survive_nnx_remat():
+    """Blocks rematerialised with nnx.remat (what an engine's train.remat=block should use) still
+    report the router statistics of the plain forward pass."""
+    cfg = _moe_cfg(experts=4, top_k=2)
+    gdef, state = _build(lambda r: MoE(cfg, rngs=r), seed=4)
+    x = jax.random.normal(jax.random.key(5), (1, 6, cfg.d_model))
+
+    def both(state, x):
+        plain = nnx.capture(lambda m, x: m(x), nnx.Intermediate)(nnx.merge(gdef, state), x)[1]
+        remat = nnx.capture(lambda m, x: nnx.remat(lambda m, x: m(x))(m, x), nnx.Intermediate)(
+            nnx.merge(gdef, state), x)[1]
+        return router_stats(plain), router_stats(remat)
+
+    plain, remat = _compile(both, state, x)(state, x)
+    assert float(remat["aux_loss"]) == float(plain["aux_loss"])
+    np.testing.assert_array_equal(np.asarray(remat["load"]["bias"]), np.asarray(plain["load"]["bias"]))
 
 
 def _skewed_training(bias_step: float, steps: int = 120):
