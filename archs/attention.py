@@ -2,7 +2,9 @@
 
 Causal or bidirectional; documents packed into one window are masked from each other when the
 context carries segment ids. A KV cache gives incremental decoding with the same numerics as
-the full forward pass.
+the full forward pass. With `attn_gate` every head's output is multiplied elementwise by
+sigmoid(x W_g) of the layer input before the output projection (gated attention, Qiu et al.
+2025, as in Qwen3-Next).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd)
             self.k_norm = RMSNorm(hd)
+        if cfg.attn_gate:
+            self.w_gate = linear(cfg, d, h * hd, ("embed", "heads"), rngs=rngs)
 
     def _qkv(self, x_btd, ctx: Ctx):
         cfg = self.cfg
@@ -79,7 +83,7 @@ class Attention(nnx.Module):
                 ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
                 q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
             )
-            return self.wo(rearrange(attend(q, k, v, mask), "b t h d -> b t (h d)"))
+            return self._out(x_btd, attend(q, k, v, mask))
         # Incremental decoding: write the new keys at their positions, attend over the cache.
         start = ctx.positions[0, 0]
         k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
@@ -95,7 +99,13 @@ class Attention(nnx.Module):
         ) & written[:, None, :]
         out = attend(q, k_cache, v_cache, mask)
         new_cache = {"k": k_cache, "v": v_cache, "seg": seg_cache}
-        return self.wo(rearrange(out, "b t h d -> b t (h d)")), new_cache
+        return self._out(x_btd, out), new_cache
+
+    def _out(self, x_btd, o_bthd):
+        o = rearrange(o_bthd, "b t h d -> b t (h d)")
+        if self.cfg.attn_gate:
+            o = o * jax.nn.sigmoid(self.w_gate(x_btd))
+        return self.wo(o)
 
     def init_cache(self, batch: int, max_len: int, dtype):
         shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
@@ -122,6 +132,6 @@ def attention_pairs(seq_len: int, *, causal: bool, window: int, executed: bool) 
 def attention_flops(cfg: ModelConfig, seq_len: int, *, window: int, executed: bool) -> float:
     """Forward FLOPs of one attention mixer (projections, scores and weighted sum) for one sequence."""
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    proj = 2 * seq_len * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
+    proj = 2 * seq_len * d * hd * (2 * h + 2 * kv + (h if cfg.attn_gate else 0))  # q, o, k, v (and gate)
     pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
     return proj + 2 * 2 * pairs * hd * h

@@ -9,7 +9,50 @@ from dataclasses import dataclass, field
 #   S  sliding-window attention (window = `window`)
 #   G  Gated DeltaNet
 #   M  Mamba-2 (SSD)
-LAYER_KINDS = {"A": "attention", "S": "sliding attention", "G": "gated deltanet", "M": "mamba2"}
+#   L  multi-head latent attention (DeepSeek-V2/V3 MLA: keys and values from a compressed latent)
+LAYER_KINDS = {
+    "A": "attention",
+    "S": "sliding attention",
+    "G": "gated deltanet",
+    "M": "mamba2",
+    "L": "latent attention",
+}
+MLP_KINDS = ("swiglu", "moe")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLP settings; used when mlp == 'moe' (archs/moe.py).
+
+    Every token goes through `shared_experts` always-on experts plus its `top_k` routed experts
+    out of `experts`; each expert is a SwiGLU of width `expert_width`.
+    """
+
+    experts: int = 8  # routed experts
+    top_k: int = 2  # routed experts per token
+    shared_experts: int = 1  # always-on experts (DeepSeekMoE); 0: none
+    # 0: the dense SwiGLU width split over the experts one token uses,
+    # ceil(mlp_hidden / (top_k + shared_experts)) rounded up to mlp_multiple, so a token's
+    # active MLP matches the dense model's (fine-grained expert segmentation, DeepSeekMoE).
+    expert_width: int = 0
+    # sigmoid: per-expert affinities sigmoid(x W) (DeepSeek-V3) | softmax: softmax(x W) over experts
+    router: str = "sigmoid"
+    norm_topk: bool = True  # gate weights = chosen affinities / their sum (DeepSeek-V3; with top_k=1 the gate is 1)
+    # aux: Switch/GShard loss n_experts * sum_i f_i P_i added with aux_weight |
+    # bias: DeepSeek-V3's loss-free balancing, a per-expert selection bias nudged by bias_step each step
+    balance: str = "aux"
+    aux_weight: float = 1e-2
+    bias_step: float = 1e-3
+    capacity_factor: float = 0.0  # 0: dropless (grouped GEMM); > 0: buffers of ceil(cf * tokens * top_k / experts)
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention settings for L layers (archs/mla.py)."""
+
+    kv_rank: int = 0  # latent width of c_kv; 0: 4 x head_dim (DeepSeek-V2: 512 = 4 x 128)
+    rope_dim: int = 0  # decoupled RoPE key/query dims, the key shared across heads; 0: head_dim // 2
+    q_rank: int = 0  # latent width of the query; 0: no query compression
 
 
 @dataclass
@@ -41,10 +84,12 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 32
+    mlp: str = "swiglu"  # the MLP of every block: swiglu | moe (settings in `moe`)
     vocab_size: int = 259  # text tokens + EOD, MASK, PAD (archs.tokens); the engine sets the data's
     causal: bool = True
     window: int = 64  # for S layers
-    qk_norm: bool = False
+    qk_norm: bool = False  # A and S layers (an L layer normalises its latent instead)
+    attn_gate: bool = False  # sigmoid gate on every head's output from the layer input (Qwen3-Next); A, S, L
     rope_theta: float = 10000.0
     doc_mask: bool = True  # packed documents do not see each other (attention mask / state reset)
     tie_embeddings: bool = False
@@ -60,3 +105,5 @@ class ModelConfig:
     mamba_d_state: int = 64
     mamba_groups: int = 1
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)

@@ -8,6 +8,9 @@ Conventions (stated, because every scaling-law comparison depends on them):
   attention counts only the keys a query may see (about T^2 / 2 pairs), sliding windows only
   their window; bidirectional attention counts all T^2 pairs.
 - Every mixer states its own count (archs.mixers); recurrent mixers count their chunked scans.
+- Mixture-of-experts MLPs count active experts only (archs.moe.moe_flops): the router matmul,
+  the shared experts and each token's top_k routed experts, so FLOPs and `active_params`
+  (archs.model.count_active_params) put MoE and dense models on one compute axis.
 - Element-wise work (norms, activations, softmax) is not counted; it is a few percent.
 
 `executed=True` drops the causal discount and counts what a dense masked kernel actually
@@ -18,16 +21,20 @@ from __future__ import annotations
 
 from archs.config import ModelConfig
 from archs.mixers import mixer_kind
+from archs.moe import moe_flops
 from archs.sizes import layer_kinds, mlp_hidden, resolve
 
 
-def mlp_flops(cfg: ModelConfig, seq_len: int) -> float:
+def mlp_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> float:
+    """Forward FLOPs of one block's MLP (dense SwiGLU or MoE) for one sequence."""
+    if cfg.mlp == "moe":
+        return moe_flops(cfg, seq_len, executed=executed)
     return 2 * seq_len * 3 * cfg.d_model * mlp_hidden(cfg)
 
 
 def layer_flops(cfg: ModelConfig, kind: str, seq_len: int, *, executed: bool = False) -> float:
     """Forward FLOPs of one block (mixer + MLP) for one sequence."""
-    return mixer_kind(kind).flops(cfg, seq_len, executed) + mlp_flops(cfg, seq_len)
+    return mixer_kind(kind).flops(cfg, seq_len, executed) + mlp_flops(cfg, seq_len, executed=executed)
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False, embedding: bool = True) -> dict:

@@ -62,8 +62,8 @@ class RMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        h = mlp_hidden(cfg)
+    def __init__(self, cfg: ModelConfig, *, hidden: int = 0, rngs: nnx.Rngs):
+        h = hidden or mlp_hidden(cfg)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # residual-branch scaling (GPT-2)
         self.w_gate = linear(cfg, cfg.d_model, h, ("embed", "mlp"), rngs=rngs)
         self.w_up = linear(cfg, cfg.d_model, h, ("embed", "mlp"), rngs=rngs)

@@ -1,7 +1,7 @@
 """Token mixers by layer-pattern letter: how to build one and what it costs.
 
 The model builder (archs.model) and the FLOP count (archs.flops) look a mixer up here by its
-letter in the layer pattern. Attention (A, S) is registered below. Linear-recurrent mixers live
+letter in the layer pattern. Attention (A, S) and latent attention (L) are registered below. Linear-recurrent mixers live
 with their kernels and register themselves when their package is imported (`import ssm` adds G
 and M), so archs/ depends on nothing else of the lab's.
 
@@ -22,6 +22,7 @@ from flax import nnx
 from archs.attention import Attention, attention_flops
 from archs.config import LAYER_KINDS, ModelConfig
 from archs.errors import ConfigError
+from archs.mla import MLA, mla_flops
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,5 @@ register(MixerKind("A", lambda cfg, rngs: Attention(cfg, rngs=rngs),
                    lambda cfg, t, executed: attention_flops(cfg, t, window=0, executed=executed)))
 register(MixerKind("S", lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
                    lambda cfg, t, executed: attention_flops(cfg, t, window=cfg.window, executed=executed)))
+register(MixerKind("L", lambda cfg, rngs: MLA(cfg, rngs=rngs),
+                   lambda cfg, t, executed: mla_flops(cfg, t, executed=executed)))

@@ -1,7 +1,8 @@
 """The one model builder: embedding -> blocks from a layer pattern -> final norm -> head.
 
 Every arch (AR transformer, diffusion denoiser, Gated DeltaNet / Mamba-2 stacks and hybrids)
-is this class with a different pattern and objective; only the mixer inside a block changes.
+is this class with a different pattern and objective; only the mixer inside a block changes
+(and, with arch.mlp=moe, its MLP: archs.moe).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from archs.config import ModelConfig
 from archs.context import Ctx, segment_ids_from_tokens
 from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear, partitioned
 from archs.mixers import mixer_kind
+from archs.moe import MoE
 from archs.sizes import layer_kinds, resolve
 from archs.tokens import Vocab
 
@@ -28,7 +30,7 @@ class Block(nnx.Module):
         self.norm1 = RMSNorm(cfg.d_model)
         self.mixer = mixer_kind(kind).build(cfg, rngs)
         self.norm2 = RMSNorm(cfg.d_model)
-        self.mlp = SwiGLU(cfg, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.mlp == "moe" else SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_btd, ctx: Ctx, cache=None):
         if cache is None:
@@ -122,5 +124,23 @@ def count_params(model: Model) -> tuple[int, int]:
     params = nnx.state(model, nnx.Param)
     total = sum(int(x.size) for x in jax.tree.leaves(params))
     cfg = model.cfg
+    embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return total, total - embed
+
+
+def count_active_params(model: Model) -> tuple[int, int]:
+    """(active parameters, active non-embedding parameters): what one token touches, counted as
+    count_params counts (the whole embedding and head included in the first).
+
+    Routed-expert weights (leading logical axis 'experts') count top_k of their experts; the
+    router, shared experts and everything dense count in full. Equal to count_params for a
+    dense model."""
+    cfg = model.cfg
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = math.prod(var.get_value().shape)
+        if (getattr(var, "out_sharding", None) or (None,))[0] == "experts":
+            size = size // cfg.moe.experts * cfg.moe.top_k
+        total += size
     embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return total, total - embed

@@ -1,8 +1,13 @@
-"""Mesh (data, fsdp, tensor) from config, and logical-axis -> mesh-axis rules for parameters.
+"""Mesh (data, fsdp, tensor, expert) from config, and logical-axis -> mesh-axis rules for parameters.
 
 Parameters are annotated with logical names where they are created (archs.layers.linear etc.);
 this module is the only place that knows how those names map onto a mesh, so changing the
 parallelism is a config edit.
+
+Expert parallelism: routed-expert weights (logical axis 'experts') are split over the 'expert'
+mesh axis; everything else is replicated over it and the batch is split over it, so the expert
+axis is a data-parallel axis for the dense parts (the usual EP layout). The axis is last, so a
+mesh with expert = 1 has exactly the devices of the former (data, fsdp, tensor) mesh.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from archs.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (None: replicated)
 RULES = {
@@ -28,27 +33,37 @@ RULES = {
     "norm": None,
     "conv": None,
     "state": None,
+    "experts": "expert",
+    "router": None,
+    "latent": None,
 }
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-    fsdp, tensor = int(mesh_cfg.fsdp), int(mesh_cfg.tensor)
-    if fsdp < 1 or tensor < 1:
-        raise ConfigError(f"mesh.fsdp={fsdp} and mesh.tensor={tensor} must be >= 1")
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, tensor, expert); mesh.expert defaults to 1 where the config has no such key."""
+    fsdp, tensor, expert = int(mesh_cfg.fsdp), int(mesh_cfg.tensor), int(getattr(mesh_cfg, "expert", 1))
+    if fsdp < 1 or tensor < 1 or expert < 1:
+        raise ConfigError(f"mesh.fsdp={fsdp}, mesh.tensor={tensor} and mesh.expert={expert} must be >= 1")
+    rest = fsdp * tensor * expert
     data = int(mesh_cfg.data)
     if data == -1:
-        if n_devices % (fsdp * tensor):
+        if n_devices % rest:
             raise ConfigError(
-                f"mesh.fsdp x mesh.tensor = {fsdp * tensor} does not divide the {n_devices} available devices; "
+                f"mesh.fsdp x mesh.tensor x mesh.expert = {rest} does not divide the {n_devices} available devices; "
                 "choose factors of the device count"
             )
-        data = n_devices // (fsdp * tensor)
-    if data * fsdp * tensor != n_devices:
+        data = n_devices // rest
+    if data * rest != n_devices:
         raise ConfigError(
-            f"mesh data x fsdp x tensor = {data}x{fsdp}x{tensor} = {data * fsdp * tensor} but {n_devices} "
+            f"mesh data x fsdp x tensor x expert = {data}x{fsdp}x{tensor}x{expert} = {data * rest} but {n_devices} "
             "devices are available; make the product equal the device count (data=-1 fills it in)"
         )
-    return data, fsdp, tensor
+    return data, fsdp, tensor, expert
+
+
+def batch_shards(shape: tuple[int, ...]) -> int:
+    """Devices the batch is split over (data x fsdp x expert) for a mesh_shape result."""
+    return int(np.prod([n for n, axis in zip(shape, MESH_AXES) if axis in BATCH_AXES]))
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 
-from archs.config import LAYER_KINDS, ModelConfig
+from archs.config import LAYER_KINDS, MLP_KINDS, ModelConfig
 from archs.errors import ConfigError
 
 ASPECT = 32  # d_model / n_layers
@@ -94,7 +94,7 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(
             f"Mamba-2 inner width {cfg.mamba_expand * d} is not a multiple of arch.mamba_head_dim={mamba_head_dim}"
         )
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg,
         d_model=d,
         n_layers=n_layers,
@@ -104,6 +104,45 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         gdn_head_dim=cfg.gdn_head_dim or head_dim,
         mamba_head_dim=mamba_head_dim,
     )
+    return dataclasses.replace(cfg, moe=_resolve_moe(cfg), mla=_resolve_mla(cfg))
+
+
+def _resolve_moe(cfg: ModelConfig):
+    m = cfg.moe
+    if cfg.mlp not in MLP_KINDS:
+        raise ConfigError(f"arch.mlp={cfg.mlp!r}; use one of {', '.join(MLP_KINDS)}")
+    if cfg.mlp != "moe":
+        return m
+    if m.experts < 1 or not 1 <= m.top_k <= m.experts:
+        raise ConfigError(
+            f"arch.moe.top_k={m.top_k} with arch.moe.experts={m.experts}: need 1 <= top_k <= experts"
+        )
+    if m.shared_experts < 0 or m.expert_width < 0:
+        raise ConfigError("arch.moe.shared_experts and arch.moe.expert_width must be >= 0 (expert_width 0: the rule)")
+    if m.router not in ("sigmoid", "softmax"):
+        raise ConfigError(f"arch.moe.router={m.router!r}; use sigmoid (DeepSeek-V3) or softmax")
+    if m.balance not in ("aux", "bias"):
+        raise ConfigError(f"arch.moe.balance={m.balance!r}; use aux (balance loss) or bias (loss-free bias)")
+    if m.capacity_factor < 0 or m.aux_weight < 0 or m.bias_step < 0:
+        raise ConfigError("arch.moe.capacity_factor, aux_weight and bias_step must be >= 0 (capacity 0: dropless)")
+    if m.expert_width:
+        return m
+    width = math.ceil(mlp_hidden(cfg) / (m.top_k + m.shared_experts) / cfg.mlp_multiple) * cfg.mlp_multiple
+    return dataclasses.replace(m, expert_width=width)
+
+
+def _resolve_mla(cfg: ModelConfig):
+    m = cfg.mla
+    if "L" not in cfg.pattern:
+        return m
+    kv_rank = m.kv_rank or 4 * cfg.head_dim
+    rope_dim = m.rope_dim or cfg.head_dim // 2
+    if kv_rank < 1 or m.q_rank < 0 or rope_dim % 2:
+        raise ConfigError(
+            f"arch.mla.kv_rank={kv_rank}, q_rank={m.q_rank}, rope_dim={rope_dim}: ranks must be positive "
+            "(q_rank 0: no query compression) and rope_dim even (RoPE rotates pairs)"
+        )
+    return dataclasses.replace(m, kv_rank=kv_rank, rope_dim=rope_dim)
 
 
 def layer_kinds(cfg: ModelConfig) -> list[str]:
@@ -130,5 +169,6 @@ def pattern_shortfall(cfg: ModelConfig) -> str | None:
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
+    """Hidden width of the dense SwiGLU MLP."""
     h = int(math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)) * cfg.mlp_multiple
     return h
