@@ -133,14 +133,15 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = -1  # -1: whatever devices remain after fsdp x tensor
+    data: int = -1  # -1: whatever devices remain after fsdp x tensor x expert
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: routed experts split over this axis (archs.sharding)
 
     def __post_init__(self):
         if self.data != -1 and self.data < 1:
             raise ConfigError(f"mesh.data={self.data} must be >= 1 (or -1: the devices that remain)")
-        _at_least("mesh", self, fsdp=1, tensor=1)
+        _at_least("mesh", self, fsdp=1, tensor=1, expert=1)
 
 
 @dataclass

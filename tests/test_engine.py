@@ -86,21 +86,22 @@ SHARDED = textwrap.dedent("""
     from sweeps.engine.plan import plan_run
     from sweeps.engine.data import load_corpus, train_batch
     corpus = load_corpus("stdlib")
-    base = ["+arch=ar", "sweep=none", "arch.size=xxs", "arch.d_model=64", "arch.n_heads=4", "arch.n_kv_heads=2",
+    arch = sys.argv[1]
+    base = [f"+arch={arch}", "sweep=none", "arch.size=xxs", "arch.d_model=64", "arch.n_heads=4", "arch.n_kv_heads=2",
             "train.seq_len=32", "train.batch_size=8", "train.tokens=100000"]
+    meshes = {"ar": ["mesh=fsdp4_tp2"], "ar_moe": ["mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"]}
     out = {}
-    for name, over, devs in [("single", ["mesh.data=1"], jax.devices()[:1]),
-                             ("sharded", ["mesh=fsdp4_tp2"], jax.devices())]:
+    for name, over, devs in [("single", ["mesh.data=1"], jax.devices()[:1]), ("sharded", meshes[arch], jax.devices())]:
         cfg = compose(base + over)
         plan = plan_run(cfg, len(devs))
         tr = Trainer(cfg, plan, devs)
-        params, opt = tr.init_state()
+        state = tr.init_state()
         losses = []
         for s in range(3):
-            params, opt, m = tr.step(params, opt, train_batch(corpus, 0, s, 8, 32), s)
+            state, m = tr.step(state, train_batch(corpus, 0, s, 8, 32), s)
             losses.append(float(m["loss"]))
-        leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
-        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
+        leaves = [np.asarray(x) for x in jax.tree.leaves(state[0]) + jax.tree.leaves(state[2])]
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state[0])})
         out[name] = (losses, leaves, specs)
     l1, p1, _ = out["single"]; l2, p2, specs = out["sharded"]
     err = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p2))
@@ -108,15 +109,18 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def test_sharded_step_matches_single_device():
-    """fsdp=4 x tensor=2 on 8 simulated CPU devices: same losses and updated parameters."""
-    proc = run_cli(["-c", SHARDED], timeout=300)
+@pytest.mark.parametrize("arch,axes", [("ar", ("fsdp", "tensor")), ("ar_moe", ("expert", "fsdp", "tensor"))])
+def test_sharded_step_matches_single_device(arch, axes):
+    """8 simulated CPU devices (fsdp 4 x tensor 2; for MoE fsdp 2 x tensor 2 x expert 2, with the
+    routers' loss-free balancing biases carried through the step): same losses and updated
+    parameters and router state as one device."""
+    proc = run_cli(["-c", SHARDED, arch], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(res["loss_sharded"], res["loss_single"], rtol=1e-5)
     assert res["max_param_diff"] < 1e-5
-    # parameters really are split over both mesh axes
-    assert any("fsdp" in s and "tensor" in s for s in res["specs"]), res["specs"]
+    # parameters really are split over the mesh axes
+    assert any(all(a in s for a in axes) for s in res["specs"]), res["specs"]
 
 
 def test_same_seed_same_metrics(tmp_path, stdlib_corpus):

@@ -545,7 +545,7 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path):
         "tiny_corpus": (["+arch=ar", *SMALL, "data=text", f"data.paths=[{tiny}]"],
                         r"train.seq_len=32 is longer than the held-out split \(\d+ tokens\)"),
         "tiny_budget": (["+arch=ar", *SMALL, "train.tokens=10"], r"train.tokens=10 is smaller than one step"),
-        "mesh": (["+arch=ar", *SMALL, "mesh.fsdp=3"], r"mesh.fsdp x mesh.tensor = 3 does not divide the 1 available"),
+        "mesh": (["+arch=ar", *SMALL, "mesh.fsdp=3"], r"mesh.fsdp x mesh.tensor x mesh.expert = 3 does not divide the 1 available"),
     })
 
 

@@ -124,7 +124,7 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
         "corpus": corpus.name, "corpus_sha256": corpus.sha256,
         "eval_samples": mc.diffusion.eval_samples if mc.objective == "diffusion" else 1,
         "config": dataclasses.asdict(cfg), "config_hash": digest,
-        "params": plan.params, "nonembed_params": plan.nonembed_params, "active_params": plan.params,
+        "params": plan.params, "nonembed_params": plan.nonembed_params, "active_params": plan.active_params,
         "tokenizer": "byte", "vocab_size": mc.vocab_size,
         "epochs": plan.tokens / max(1, corpus.train.size), "compute_spent": plan.flops,
     }
@@ -177,12 +177,17 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
 
     checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True)
     writer = bar = None
+
+    def save(step: int) -> None:
+        checkpointer.save(step, *trainer.checkpoint_items(*state))
+
     try:
-        params, opt_state = trainer.init_state()
+        state = trainer.init_state()
         start = 0
-        restored = checkpointer.restore_latest(*trainer.abstract_state())
+        restored = checkpointer.restore_latest(*trainer.abstract_checkpoint())
         if restored is not None:
-            start, params, opt_state = restored
+            start, model_state, opt_state = restored
+            state = trainer.from_checkpoint(model_state, opt_state)
             print(f"{run_id}: resumed from step {start}", file=sys.stderr)
         metrics_path = rdir / "metrics.jsonl"
         _truncate_jsonl(metrics_path, start)
@@ -207,7 +212,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
             with metrics_path.open("a") as log:
                 for step in range(start, plan.steps):
                     batch = train_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
-                    params, opt_state, m = trainer.step(params, opt_state, batch, step)
+                    state, m = trainer.step(state, batch, step)
                     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
                     done_steps = step + 1
                     if not math.isfinite(loss) or not math.isfinite(gnorm):
@@ -216,10 +221,11 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                                        "try a lower optim.lr")
                     timed_tokens += plan.tokens_per_step
                     rec = {"step": done_steps, "tokens": done_steps * plan.tokens_per_step, "loss": loss,
-                           "grad_norm": gnorm, "lr": float(trainer.lr_schedule(step))}
+                           "grad_norm": gnorm, "lr": float(trainer.lr_schedule(step)),
+                           **{k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm")}}
                     is_eval = done_steps % eval_every == 0 or done_steps == plan.steps
                     if is_eval:
-                        eval_bpb = trainer.evaluate(params, windows)
+                        eval_bpb = trainer.evaluate(state, windows)
                         rec["eval_bpb"] = eval_bpb
                         db.add_eval(EvalRecord(run_id, done_steps, rec["tokens"],
                                                done_steps * plan.tokens_per_step * plan.flops_per_token, eval_bpb,
@@ -239,18 +245,18 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                     if done_steps == plan.steps:
                         break  # the final checkpoint follows (also when a signal came with the last step)
                     if signals.hit:
-                        checkpointer.save(done_steps, params, opt_state)
+                        save(done_steps)
                         checkpointer.commit()
                         raise signals.stop(run_id, done_steps, saved=True)
                     due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or (
                         every_steps and done_steps % every_steps == 0)
                     if due:
-                        checkpointer.save(done_steps, params, opt_state)
+                        save(done_steps)
                         last_ckpt = now
                     checkpointer.poll()
             if eval_bpb is None:  # resumed from the final checkpoint: nothing left to train
-                eval_bpb = trainer.evaluate(params, windows)
-            checkpointer.save(plan.steps, params, opt_state)  # the trained model, for sampling
+                eval_bpb = trainer.evaluate(state, windows)
+            save(plan.steps)  # the trained model, for sampling
             checkpointer.commit()
         except Diverged as e:
             error = str(e)

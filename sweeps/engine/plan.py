@@ -20,9 +20,9 @@ from flax import nnx
 from archs.config import ModelConfig
 from archs.errors import ConfigError
 from archs.flops import flops_per_token
-from archs.model import Model, count_params
+from archs.model import Model, count_active_params, count_params
 from archs.objective import AutoregressiveObjective
-from archs.sharding import mesh_shape
+from archs.sharding import batch_shards, mesh_shape
 from archs.sizes import resolve
 from diffusion.objective import MaskedDiffusionObjective
 from sweeps.config import Config, LrRule
@@ -96,13 +96,14 @@ class Plan:
     flops_per_token: float
     flops: float
     peak_lr: float
-    mesh_shape: tuple[int, int, int]
+    mesh_shape: tuple[int, int, int, int]  # data, fsdp, tensor, expert
     params: int
     nonembed_params: int
+    active_params: int  # what one token touches (MoE: top_k of the routed experts)
 
     @property
     def n_batch_devices(self) -> int:
-        return self.mesh_shape[0] * self.mesh_shape[1]
+        return batch_shards(self.mesh_shape)
 
 
 def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> Model:
@@ -119,9 +120,9 @@ def _memory_check(cfg: Config, mc: ModelConfig, mesh: tuple[int, int, int], para
     backward pass of about 20 d_model values per token per layer plus the fp32 logits, sharded
     over the batch axes."""
     t = cfg.train
-    data, fsdp, tensor = mesh
+    _, fsdp, tensor, _ = mesh
     state = 16 * params / (fsdp * tensor)
-    tokens = t.batch_size * t.seq_len / (data * fsdp)
+    tokens = t.batch_size * t.seq_len / batch_shards(mesh)
     acts = tokens * 4 * (20 * mc.d_model * mc.n_layers + 2 * mc.vocab_size)
     need = state + acts
     dev = jax.devices()[0]
@@ -150,19 +151,20 @@ def plan_run(cfg: Config, n_devices: int) -> Plan:
             "raise train.tokens or shrink the batch"
         )
     shape = mesh_shape(cfg.mesh, n_devices)
-    if t.batch_size % (shape[0] * shape[1]):
+    if t.batch_size % batch_shards(shape):
         raise ConfigError(
-            f"train.batch_size={t.batch_size} does not split over data x fsdp = {shape[0] * shape[1]} devices; "
-            "make the batch a multiple of it"
+            f"train.batch_size={t.batch_size} does not split over data x fsdp x expert = {batch_shards(shape)} "
+            "devices; make the batch a multiple of it"
         )
     # A lower bound of the parameters (the SwiGLU MLPs and the embeddings alone) refuses absurd
     # sizes before the abstract build, which traces every layer; the exact count checks again.
     d, v = model_cfg.d_model, model_cfg.vocab_size
     _memory_check(cfg, model_cfg, shape, 8 * d * d * model_cfg.n_layers + v * d, n_devices)
-    n_params, n_nonembed = count_params(abstract_model(model_cfg, cfg.seed))
+    abstract = abstract_model(model_cfg, cfg.seed)
+    n_params, n_nonembed = count_params(abstract)
     _memory_check(cfg, model_cfg, shape, n_params, n_devices)
     steps = math.ceil(t.tokens / tokens_per_step)
     fpt = flops_per_token(model_cfg, t.seq_len)
     tokens = steps * tokens_per_step
     return Plan(model_cfg, steps, tokens, tokens_per_step, fpt, fpt * tokens, learning_rate(cfg, model_cfg.d_model),
-                shape, n_params, n_nonembed)
+                shape, n_params, n_nonembed, count_active_params(abstract)[0])

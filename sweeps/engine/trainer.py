@@ -3,6 +3,11 @@
 The batch and the noise of step s are pure functions of (seed, s), and the learning rate is an
 input of the compiled step (not a constant baked into it): runs of one shape share one
 executable whatever their length, which is what makes sweeps of many small runs cheap to compile.
+
+The model's variables split into parameters (nnx.Param: differentiated, optimized) and state
+that is not (the routers' selection biases of loss-free MoE balancing: updated by the step,
+outside the gradient). Both are checkpointed together as the model's `params` item, so a
+checkpoint restores into the whole model as sampling builds it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from flax import nnx
 
 from archs.errors import ConfigError
 from archs.model import Model
+from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, update_router_bias
 from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from sweeps.config import Config, OptimConfig, Schedule
 from sweeps.engine.data import n_bytes
@@ -51,6 +57,19 @@ def make_optimizer(optim: OptimConfig, peak_lr: float):
     )
 
 
+def union(a: dict, b: dict) -> dict:
+    """Two nested dicts with disjoint leaves as one (parameters and other state of one model)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = union(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
+
+
+def pick(tree: dict, like: dict) -> dict:
+    """The part of `tree` with the keys of `like` (inverse of union)."""
+    return {k: pick(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
 def with_learning_rate(opt_state, lr):
     """The optimizer state with the injected learning rate replaced (see make_optimizer)."""
     clip_state, adam_state = opt_state
@@ -64,15 +83,23 @@ class Trainer:
     def __init__(self, cfg: Config, plan: Plan, devices=None):
         self.cfg, self.plan = cfg, plan
         self.mesh = make_mesh(cfg.mesh, devices)
-        # Build the model abstractly, then initialise every parameter in one compiled call
-        # placed straight into its sharding (eager init compiles each initializer separately).
+        # Build the model abstractly, then initialise every variable in one compiled call placed
+        # straight into its sharding (eager init compiles each initializer separately).
         make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))  # noqa: E731
         abstract = nnx.eval_shape(make)
         self.n_params, self.n_nonembed = plan.params, plan.nonembed_params
-        self.graphdef, abs_state = nnx.split(abstract)
-        self.param_sharding = nnx.to_pure_dict(param_shardings(abs_state, self.mesh))
-        self._abs_params = nnx.to_pure_dict(abs_state)
-        self._init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=self.param_sharding)
+        # Every variable is a parameter or router state: nnx.split raises on anything else.
+        self.graphdef, abs_params, abs_other = nnx.split(abstract, nnx.Param, RouterBias)
+        self.param_sharding = nnx.to_pure_dict(param_shardings(abs_params, self.mesh))
+        self.other_sharding = nnx.to_pure_dict(param_shardings(abs_other, self.mesh))
+        self._abs_params = nnx.to_pure_dict(abs_params)
+        self._abs_other = nnx.to_pure_dict(abs_other)
+
+        def init():
+            _, params, other = nnx.split(make(), nnx.Param, RouterBias)
+            return nnx.to_pure_dict(params), nnx.to_pure_dict(other)
+
+        self._init = jax.jit(init, out_shardings=(self.param_sharding, self.other_sharding))
         self.objective = make_objective(plan.model_cfg)
         self.tx = make_optimizer(cfg.optim, plan.peak_lr)
         self.lr_schedule = lr_schedule(cfg.optim, plan.steps, plan.peak_lr)
@@ -81,57 +108,79 @@ class Trainer:
         # Optimizer moments take their parameter's sharding by XLA's propagation through
         # zeros_like; scalars (step counts) come back on one device: replicate them.
         full = replicated(self.mesh)
-        opt_shardings = jax.jit(self.tx.init).lower(self._abstract_params()).compile().output_shardings
+        abs_p = self._abstract(self._abs_params, self.param_sharding)
+        opt_shardings = jax.jit(self.tx.init).lower(abs_p).compile().output_shardings
         self.opt_sharding = jax.tree.map(
             lambda s: s if len(s.device_set) == self.mesh.size else full, opt_shardings)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None, None),
-            out_shardings=(self.param_sharding, self.opt_sharding, None),
-            donate_argnums=(0, 1),
+            in_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, self.batch_sharding, None, None),
+            out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, None),
+            donate_argnums=(0, 1, 2),
         )
-        self._eval = jax.jit(self._eval_nats, in_shardings=(self.param_sharding, self.batch_sharding, None))
+        self._eval = jax.jit(self._eval_nats,
+                             in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None))
+
+    # --- state: (parameters, optimizer state, other model state) --------------------------------
 
     def init_state(self):
-        params = self._init_params()
+        params, other = self._init()
         opt = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
-        return params, opt
+        return params, opt, other
 
-    def _abstract_params(self):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self._abs_params, self.param_sharding)
+    @staticmethod
+    def _abstract(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-    def abstract_state(self):
-        params = self._abstract_params()
-        opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           jax.eval_shape(self.tx.init, params), self.opt_sharding)
-        return params, opt
+    def checkpoint_items(self, params, opt, other):
+        """What a checkpoint holds: the whole model's variables, and the optimizer state."""
+        return union(params, other), opt
 
-    def model(self, params) -> Model:
-        return nnx.merge(self.graphdef, params)
+    def from_checkpoint(self, model_state, opt):
+        return pick(model_state, self._abs_params), opt, pick(model_state, self._abs_other)
 
-    def _loss(self, params, batch, rng):
-        return self.objective.loss(self.model(params), batch, rng)
+    def abstract_checkpoint(self):
+        params = self._abstract(self._abs_params, self.param_sharding)
+        other = self._abstract(self._abs_other, self.other_sharding)
+        opt = self._abstract(jax.eval_shape(self.tx.init, params), self.opt_sharding)
+        return union(params, other), opt
 
-    def _train_step(self, params, opt_state, batch, step, lr):
+    def model(self, params, other) -> Model:
+        return nnx.merge(self.graphdef, params, other)
+
+    # --- the compiled functions --------------------------------------------------------------------
+
+    def _loss(self, params, other, batch, rng):
+        model = self.model(params, other)
+        (loss, metrics), inter = nnx.capture(self.objective.loss, nnx.Intermediate)(model, batch, rng)
+        stats = router_stats(inter)  # None without MoE layers
+        total = loss + balance_loss(stats, self.plan.model_cfg)
+        return total, (loss, metrics, stats)
+
+    def _train_step(self, params, opt_state, other, batch, step, lr):
         opt_state = with_learning_rate(opt_state, lr)
         rng = jax.random.fold_in(self.key, step)
-        (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)
+        (_, (loss, aux, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, other, batch, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+        if stats is not None:
+            other = update_router_bias(other, stats["load"], self.plan.model_cfg)
+        return params, opt_state, other, {"loss": loss, "grad_norm": grad_norm, **aux, **router_metrics(stats)}
 
-    def _eval_nats(self, params, windows, rng):
-        return self.objective.eval_nats(self.model(params), windows, rng)
+    def _eval_nats(self, params, other, windows, rng):
+        return self.objective.eval_nats(self.model(params, other), windows, rng)
 
-    def step(self, params, opt_state, batch_np, step: int):
+    def step(self, state, batch_np, step: int):
+        """One training step: (params, opt, other) -> the new state and its metrics."""
         batch = jax.device_put(jnp.asarray(batch_np), self.batch_sharding)
         lr = jnp.asarray(self.lr_schedule(step), jnp.float32)
-        return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32), lr)
+        *state, metrics = self._step(*state, batch, jnp.asarray(step, jnp.int32), lr)
+        return tuple(state), metrics
 
-    def evaluate(self, params, windows_np: np.ndarray) -> float:
+    def evaluate(self, state, windows_np: np.ndarray) -> float:
         """Held-out bits per byte over fixed windows (for diffusion: the NELBO upper bound)."""
+        params, _, other = state
         n_dev = self.plan.n_batch_devices
         bs = min(self.cfg.train.eval_batch, len(windows_np))
         bs = max(bs - bs % n_dev, n_dev)
@@ -146,5 +195,5 @@ class Trainer:
         total = 0.0
         for i in range(0, n, bs):
             w = jax.device_put(jnp.asarray(windows_np[i:i + bs]), self.batch_sharding)
-            total += float(jnp.sum(self._eval(params, w, jax.random.fold_in(eval_key, i))))
+            total += float(jnp.sum(self._eval(params, other, w, jax.random.fold_in(eval_key, i))))
         return total / math.log(2) / n_bytes(windows_np[:, 1:])

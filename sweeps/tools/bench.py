@@ -59,20 +59,20 @@ def bench(cfg: BenchConfig) -> dict:
     plan = plan_run(cfg, jax.device_count())
     corpus = load_corpus(cfg.data.name, list(cfg.data.paths), cfg.data.heldout_fraction)
     trainer = Trainer(cfg, plan)
-    params, opt = trainer.init_state()
+    state = trainer.init_state()
     batches = [train_batch(corpus, cfg.seed, s, b.batch_size, b.seq_len) for s in range(b.steps + 2)]
     t = time.perf_counter()
-    params, opt, m = trainer.step(params, opt, batches[0], 0)
+    state, m = trainer.step(state, batches[0], 0)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t
-    params, opt, m = trainer.step(params, opt, batches[1], 1)  # warm
+    state, m = trainer.step(state, batches[1], 1)  # warm
     jax.block_until_ready(m["loss"])
     meter = MatmulPeak(b.matmul_n)
     meter.sample(3)
     times = []
     for s in range(2, b.steps + 2):
         t = time.perf_counter()
-        params, opt, m = trainer.step(params, opt, batches[s], s)
+        state, m = trainer.step(state, batches[s], s)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
         meter.sample(2)  # interleaved: steps and peak see the same machine state
