@@ -290,10 +290,10 @@ def _chunked_forward(q, k, v, g, beta, S0, masks):
     kk_nbhll = jnp.einsum("...ik,...jk->...ij", k, k)
     a_nbhll = jnp.where(strict, beta[..., :, None] * kk_nbhll * decay_ij, 0.0)
     t_nbhll = _unit_lower_inverse(a_nbhll)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_init)[..., None] * k], axis=-1)
-    uw_nbhlx = jnp.einsum("...ij,...jd->...id", t_nbhll, rhs)  # x = V + K: [u_tilde | w]
-    V = v.shape[-1]
-    u_tilde, w = uw_nbhlx[..., :V], uw_nbhlx[..., V:]
+    # Two products rather than one with [beta v | beta decay_init k] concatenated: XLA:CPU runs
+    # the [L, L] x [L, 2d] batched dot several times slower than two [L, L] x [L, d] ones.
+    u_tilde = jnp.einsum("...ij,...jd->...id", t_nbhll, beta[..., None] * v)
+    w = jnp.einsum("...ij,...jd->...id", t_nbhll, (beta * decay_init)[..., None] * k)
     k_last = k * decay_last[..., None]  # outgoing state = carry * S0 + sum_j k_last_j u_j^T
 
     def step(S_bhkv, xs):
@@ -309,7 +309,7 @@ def _chunked_forward(q, k, v, g, beta, S0, masks):
     o_nbhlv = jnp.einsum("...lk,...kv->...lv", q * decay_init[..., None], S_in_nbhkv)
     o_nbhlv = o_nbhlv + jnp.einsum("...ij,...jv->...iv", p_nbhll, u_nbhlv)
     res = (q, k, v, beta, decay_ij, decay_init, decay_last, carry_nbh, kk_nbhll, p_nbhll, t_nbhll,
-           uw_nbhlx, S_in_nbhkv, u_nbhlv)
+           u_tilde, w, S_in_nbhkv, u_nbhlv)
     return o_nbhlv, S_final, res
 
 
@@ -331,9 +331,8 @@ def _gate_cotangent(z_ll, x_init, x_last, x_carry):
 
 
 def _chunked_backward(res, do_nbhlv, dS_final):
-    (q, k, v, beta, decay_ij, decay_init, decay_last, carry, kk, p, t, uw, S_in, u) = res
-    K, V = q.shape[-1], v.shape[-1]
-    u_tilde, w = uw[..., :V], uw[..., V:]
+    (q, k, v, beta, decay_ij, decay_init, decay_last, carry, kk, p, t, u_tilde, w, S_in, u) = res
+    K = q.shape[-1]
     q_init = q * decay_init[..., None]
     k_last = k * decay_last[..., None]
 
@@ -360,11 +359,12 @@ def _chunked_backward(res, do_nbhlv, dS_final):
 
     # UT transform: [X | Y] = T^T [dU | dW] are the cotangents of [beta v | beta a k];
     # dA = -(X U~^T + Y W^T) on A's strictly lower support.
-    xy = jnp.einsum("...ji,...jd->...id", t, jnp.concatenate([du, dw], axis=-1))
-    dbv, dbk = xy[..., :V], xy[..., V:]
+    dbv = jnp.einsum("...ji,...jd->...id", t, du)
+    dbk = jnp.einsum("...ji,...jd->...id", t, dw)
     L = q.shape[-2]
     decay_strict = decay_ij * _tri_ones(L, -1)
-    da_masked = -jnp.einsum("...id,...jd->...ij", xy, uw) * decay_strict  # dA_ij D_ij
+    da = jnp.einsum("...id,...jd->...ij", dbv, u_tilde) + jnp.einsum("...id,...jd->...ij", dbk, w)
+    da_masked = -da * decay_strict  # dA_ij D_ij
     dkk = beta[..., :, None] * da_masked
     dqk = dp * decay_ij
 
