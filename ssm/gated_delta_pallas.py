@@ -6,21 +6,21 @@ Same contract as ``ssm.gated_delta_rule`` (shapes, segment resets, ragged T, fp3
 ``ssm.gated_delta._chunked_forward``). What runs where, per chunk of L steps, head h, sequence b:
 
 forward
-  ``_prepare``  Pallas, grid (B, H, n): decays of the chunk from its gates (segment-aware),
+  ``_prepare_kernel``  Pallas, grid (B, H, n): decays of the chunk from its gates (segment-aware),
                 A = strict_tril(beta D (k k^T)), the UT transform T = (I + A)^-1 by forward
                 substitution in registers, u~ = T (beta v), w = T (beta a k), and the chunk's state
                 map  S' = M S + C  with M = gamma I - (e k)^T w, C = (e k)^T u~.
                 Writes u~, w [L, V|K], M [K, K], C [K, V] (and T^T when a backward will follow).
   scan          XLA ``lax.scan`` over chunks, batched over (B, H): S_{c+1} = M_c S_c + C_c, one
                 [K, K] x [K, V] matmul per chunk. Writes the state entering each chunk.
-  ``_output``   Pallas, grid (B, H, n): u = u~ - w S, o = scale ((a q) S + ((q k^T) D) u).
+  ``_output_kernel``   Pallas, grid (B, H, n): u = u~ - w S, o = scale ((a q) S + ((q k^T) D) u).
 backward
-  ``_state_source``  Pallas, grid (B, H, n): G = (a q)^T dO' - w^T (P^T dO'), the chunk's direct
+  ``_state_source_kernel``  Pallas, grid (B, H, n): G = (a q)^T dO' - w^T (P^T dO'), the chunk's direct
                 contribution to the cotangent of its entering state (dO' = scale dO, P = (q k^T) D).
   scan          XLA, reversed: dS_c = M_c^T dS_{c+1} + G_c (one matmul per chunk).
-  ``_bwd_output``    Pallas, grid (B, H, n): the output/state path. From dO, S, dS_out: u, du, dw,
+  ``_bwd_output_kernel``  Pallas, grid (B, H, n): the output/state path. From dO, S, dS_out: u, du, dw,
                 dq, k's cotangent through q k^T and e k, the gates' cotangent through P, a, e, gamma.
-  ``_bwd_ut``   Pallas, grid (B, H, n): the UT-transform path. From du, dw and the saved T^T:
+  ``_bwd_ut_kernel``  Pallas, grid (B, H, n): the UT-transform path. From du, dw and the saved T^T:
                 [X | Y] = T^T [du | dw], dA = -(X u~^T + Y w^T), then dv, dbeta, k's cotangent
                 through k k^T and beta a k, the gates' cotangent through A and a.
   XLA adds the two partial cotangents of k and g.
@@ -28,22 +28,28 @@ The two per-chunk backward kernels keep fewer [L, L] tiles live than one fused k
 split follows flash-linear-attention's chunked backward), which matters for register pressure on
 a GPU.
 
-Sizes: every tile a kernel holds is [L, L], [L, K|V], [K|V, K|V] or a column [L, 1]; with L = 64
-and K = V <= 128 in fp32 that is at most 64 KiB per tile, tens of tiles per kernel: within a
-Hopper SM's 256 KiB of registers plus 228 KiB of shared memory at 4-8 warps, and within a TPU
-core's VMEM. The Triton backend needs power-of-two tiles of at least 16 (L, K, V); the chunk
-length is raised to 16 for short inputs, and other head sizes are refused on GPU.
+Sizes. Every value a kernel holds is an [L, L], [L, K|V] or [K, K|V] tile or an [L, 1] column,
+all fp32. At L = 64, K = V = 64 a tile is 16 KiB and the largest kernel (``_bwd_output_kernel``) keeps
+about a dozen live at once, ~200 KiB: the register file of one Hopper SM (256 KiB) at 8 warps,
+which is why the GPU launch asks for 8; one TPU core's VMEM holds that many times over. At
+K = V = 128 the [K, V] state tiles alone are 64 KiB and the GPU kernels would spill; the remedy
+is flash-linear-attention's: split V over the grid, with the dq / dk contributions summed over
+V blocks. Untuned and unmeasured on hardware (no accelerator here): the numbers above are
+footprint arithmetic, not timings. The Triton backend needs power-of-two tiles of at least 16
+(L, K, V); the chunk is raised to 16 for short inputs, and other head sizes are refused on GPU
+(``arch.gdn_impl=auto`` falls back to xla for them).
 
-Backends. GPU: Pallas's Triton backend (``plgpu`` Triton compiler params), because the kernels
-are plain block programs (loads, dots, element-wise math, a loop) that the Triton lowering maps
-directly and that lower unchanged for TPU; Mosaic GPU would give Hopper's wgmma / TMA but needs
-warpgroup-level code of its own. TPU: Mosaic, grid axes marked parallel. CPU: interpret mode
-(the kernels run as ordinary XLA ops; slow, for tests and for checking on a laptop).
+Backends. GPU: Pallas's Triton backend (``jax.experimental.pallas.triton.CompilerParams``),
+because the kernels are plain block programs (loads, dots, element-wise math, a loop) that the
+Triton lowering maps directly and that lower unchanged for TPU; Mosaic GPU would give Hopper's
+wgmma / TMA but needs warpgroup-level code of its own. TPU: Mosaic, grid axes marked parallel.
+CPU: interpret mode (the kernels run as ordinary XLA ops; slow, for tests).
 
 Precision: inputs are upcast to fp32 inside the kernels and every product accumulates in fp32.
 The decay sums that feed exp() use HIGHEST precision (IEEE fp32 on GPU tensor cores, full fp32
-passes on TPU); the other dots use the backend's default fp32 matmul (TF32 on NVIDIA, as XLA's own
-einsums would), so on accelerators results match the XLA path to matmul precision, not bit-wise.
+passes on TPU); the other dots use the backend's default fp32 matmul (TF32 on NVIDIA, one bf16
+pass on TPU: what XLA's own einsums get there), so on accelerators results match the XLA path
+to matmul precision, not bit-wise. In interpret mode everything is exact fp32.
 """
 
 from __future__ import annotations
@@ -151,7 +157,7 @@ def _compiler_params(backend: str, n_grid: int):
     if backend == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        return pltriton.CompilerParams(num_warps=4, num_stages=1)
+        return pltriton.CompilerParams(num_warps=8, num_stages=1)  # register room: see Sizes
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
