@@ -202,7 +202,8 @@ def gated_delta_rule(
     q, k ``[B,T,H,K]``, v ``[B,T,H,V]``, g (log decay <= 0), beta ``[B,T,H]``,
     initial_state ``[B,H,K,V]``, segment_ids ``[B,T]`` int.
 
-    Returns ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] fp32)``. All math in fp32."""
+    Returns ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] fp32)``. All math in fp32.
+    Differentiable in reverse mode (a hand-written VJP, below); forward mode (jvp) is not defined."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype

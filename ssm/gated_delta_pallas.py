@@ -522,7 +522,8 @@ def gated_delta_rule_pallas(
     """``ssm.gated_delta_rule`` with the per-chunk work in Pallas kernels (module docstring).
 
     ``backend``: 'gpu' (Triton), 'tpu' (Mosaic) or 'interpret'; default from the default JAX
-    backend, so on CPU this runs in interpret mode (correct, slow: for tests)."""
+    backend, so on CPU this runs in interpret mode (correct, slow: for tests). Differentiable in
+    reverse mode (custom VJP with Pallas backward kernels); forward mode (jvp) is not defined."""
     backend = pallas_backend() if backend is None else backend
     if backend not in ("gpu", "tpu", "interpret"):
         raise ValueError(f"backend={backend!r}: use 'gpu', 'tpu' or 'interpret'")
