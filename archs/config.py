@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 # Layer-pattern alphabet: one character per layer kind, tiled over the depth.
 #   A  global attention (causal or bidirectional, per `causal`)
@@ -55,6 +56,14 @@ class MLAConfig:
     q_rank: int = 0  # latent width of the query; 0: no query compression
 
 
+class GdnImpl(StrEnum):
+    """Chunked Gated DeltaNet kernel (ssm.gated_delta_pallas.gated_delta_kernel)."""
+
+    auto = "auto"  # pallas on GPU / TPU, xla elsewhere
+    xla = "xla"  # ssm.gated_delta_rule: XLA einsums + lax.scan
+    pallas = "pallas"  # Pallas kernels (Triton on GPU, Mosaic on TPU; interpret mode on CPU: slow)
+
+
 @dataclass
 class DiffusionConfig:
     """Masked diffusion (MDLM / LLaDA) objective settings; used when objective == 'diffusion'."""
@@ -98,6 +107,7 @@ class ModelConfig:
     # Recurrent mixers.
     conv_kernel: int = 4
     chunk_size: int = 64
+    gdn_impl: GdnImpl = GdnImpl.auto
     gdn_head_dim: int = 0  # 0: head_dim
     gdn_expand_v: float = 1.0  # value head dim = gdn_expand_v * gdn_head_dim
     mamba_expand: int = 2

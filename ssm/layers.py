@@ -36,7 +36,8 @@ from archs.layers import RMSNorm, linear
 from archs.mixers import MixerKind, register
 from archs.sizes import resolve
 
-from .gated_delta import _chunk_len, gated_delta_rule, gated_delta_step
+from .gated_delta import _chunk_len, gated_delta_step
+from .gated_delta_pallas import gated_delta_kernel, resolve_gdn_impl
 from .ssd import ssd, ssd_step
 
 __all__ = ["GatedDeltaNet", "Mamba2", "recurrent_layer_flops", "recurrent_flops_breakdown"]
@@ -181,6 +182,7 @@ class GatedDeltaNet(nnx.Module):
         kc = cfg.conv_kernel
         if kc < 1:
             raise ConfigError(f"arch.conv_kernel={kc} must be >= 1")
+        resolve_gdn_impl(cfg.gdn_impl, self._kernel_dims())  # fails here, before anything compiles
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wq = linear(cfg, d, h * self.dk, ("embed", "heads"), rngs=rngs)
         self.wk = linear(cfg, d, h * self.dk, ("embed", "heads"), rngs=rngs)
@@ -195,6 +197,9 @@ class GatedDeltaNet(nnx.Module):
         self.A_log = _param(rngs, _a_log_init, (h,), ("heads",))
         self.dt_bias = _param(rngs, _dt_bias_init, (h,), ("heads",))
         self.o_norm = RMSNorm(self.dv)  # per head, one scale vector shared by the heads
+
+    def _kernel_dims(self):
+        return self.dk, self.dv, self.cfg.chunk_size
 
     def _project(self, x_btd, seg, cache):
         """q, k, v (after conv + SiLU), g, beta and the new conv caches."""
@@ -219,6 +224,7 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x_btd, ctx: Ctx, cache=None):
         seg = ctx.segment_ids
         q, k, v, g, beta, conv = self._project(x_btd, seg, cache)
+        gated_delta_rule = gated_delta_kernel(self.cfg.gdn_impl, self._kernel_dims())  # xla | pallas
         if cache is None:
             o, _ = gated_delta_rule(q, k, v, g, beta, chunk_size=self.cfg.chunk_size, segment_ids=seg)
             return self._output(o, x_btd)
