@@ -41,6 +41,17 @@ class Schedule(StrEnum):
     wsd = "wsd"  # warmup-stable-decay
 
 
+class DecayShape(StrEnum):
+    linear = "linear"
+    sqrt = "sqrt"  # 1 - sqrt: Hagele et al. (2024)'s best cooldown shape
+
+
+class Role(StrEnum):
+    run = "run"  # an ordinary run (a grid point, or a single run)
+    trunk = "trunk"  # the stable phase shared by a size's cooldown branches; not a grid point
+    branch = "branch"  # a grid point that forks from its trunk and cools down
+
+
 class LrRule(StrEnum):
     width = "width"  # lr * (lr_base_width / d_model) ** lr_width_exponent
     none = "none"
@@ -85,7 +96,12 @@ class OptimConfig:
     clip: float = 1.0  # global gradient-norm clip
     schedule: Schedule = Schedule.cosine
     warmup_frac: float = 0.05
-    decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying linearly to min_lr
+    decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying to min_lr
+    # Absolute step counts override the fractions (cooldown branches share one warmup with their
+    # trunk, whatever their length); decay_steps=0 is a constant rate to the end (a trunk).
+    warmup_steps: Optional[int] = None
+    decay_steps: Optional[int] = None
+    decay_shape: DecayShape = DecayShape.linear  # wsd cooldown: linear or 1-sqrt
     min_lr_ratio: float = 0.1
 
     def __post_init__(self):
@@ -105,6 +121,10 @@ class OptimConfig:
         if self.warmup_frac + self.decay_frac > 1:
             raise ConfigError(f"optim.warmup_frac + optim.decay_frac = {self.warmup_frac + self.decay_frac:g} "
                               "exceeds the run; make their sum at most 1")
+        for key in ("warmup_steps", "decay_steps"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                raise ConfigError(f"optim.{key}={v} must be >= 0 (or null: from the fraction)")
 
 
 @dataclass
@@ -122,6 +142,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     tensorboard: bool = True
+    # Cooldown branches (set by the sweep driver): a branch starts from its trunk's checkpoint at
+    # step (steps - optim.decay_steps); a trunk keeps its checkpoints at the branches' fork steps.
+    branch_from: str = ""  # run id of the trunk, in the same root
+    keep_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _at_least("train", self, tokens=1, batch_size=1, seq_len=1, eval_every=0, evals=1, eval_windows=1,
@@ -162,9 +186,16 @@ class SweepConfig:
     report: bool = True  # fit and draw ROOT/report after the sweep
     retry_failed: bool = False  # re-train runs recorded as failed (diverged) instead of skipping them
     dry_run: bool = False  # print the grid and what would be trained, launch nothing
+    # WSD cooldown branches (Hagele et al. 2024): per size one constant-rate trunk, and every budget
+    # of that size a branch that forks from it and decays over cooldown_frac of its own steps.
+    cooldowns: bool = False
+    cooldown_frac: float = 0.2
+    cooldown_shape: DecayShape = DecayShape.linear
+    seeds: int = 1  # every point trained with seeds seed, seed+1, ...; fits use all of them
 
     def __post_init__(self):
-        _at_least("sweep", self, min_steps=1, bootstrap=0)
+        _at_least("sweep", self, min_steps=1, bootstrap=0, seeds=1)
+        _fraction("sweep", "cooldown_frac", self.cooldown_frac, open_low=True, open_high=True)
         if not self.group_by:
             raise ConfigError("sweep.group_by is empty; group by at least one key (e.g. [arch])")
         for b in self.budgets:
@@ -186,12 +217,18 @@ class Config:
     root: str = "runs"
     run_id: str = ""  # empty: derived from the config, so re-running finds its own row
     budget: Optional[float] = None  # the IsoFLOP budget (training FLOPs) this run belongs to; set by the sweeper
+    role: Role = Role.run  # set by the sweep driver for cooldown trunks and branches
 
     def __post_init__(self):
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
         if not self.root:
             raise ConfigError("root is empty; name a directory for the results (root=DIR)")
+        if (self.role == Role.branch) != bool(self.train.branch_from):
+            raise ConfigError("a cooldown branch (role=branch) needs train.branch_from=TRUNK_RUN_ID, and only a "
+                              "branch takes one")
+        if self.role == Role.branch and (self.optim.schedule != Schedule.wsd or not self.optim.decay_steps):
+            raise ConfigError("a cooldown branch decays: it needs optim.schedule=wsd and optim.decay_steps >= 1")
 
 
 @dataclass

@@ -9,7 +9,9 @@ truncated or corrupted checkpoint is skipped with one warning line, and Orbax ne
 damaged file (Orbax itself does not checksum array data: a flipped byte would restore silently).
 
 The trainer that owns the run directory moves skipped checkpoints aside (`<dir>.unreadable/`)
-so the resumed run can save those steps again; readers (sampling) leave the directory untouched.
+so the resumed run can save those steps again; readers (sampling, cooldown branches reading
+their trunk) leave the directory untouched. Steps listed in `keep` (a trunk's fork steps) are
+never garbage-collected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import time
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from archs.errors import ConfigError
 
 
 def _sha256(path: Path) -> str:
@@ -34,16 +39,19 @@ def _sha256(path: Path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 2, *, owner: bool = False):
+    def __init__(self, directory: str | Path, keep: int = 2, *, owner: bool = False, keep_steps=()):
         self.directory = Path(directory).resolve()
         self.records = self.directory.parent / (self.directory.name + ".integrity")
         self.aside = self.directory.parent / (self.directory.name + ".unreadable")
         self.owner = owner
         self._pending: list[int] = []  # saved by Orbax, not yet committed
+        latest = checkpoint_managers.LatestN(n=max(2, keep))  # a fallback for a damaged newest one
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [latest, checkpoint_managers.CustomSteps(steps=list(keep_steps))]) if keep_steps else latest
         self.mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max(2, keep),  # a fallback for a damaged newest one
+                preservation_policy=policy,
                 enable_async_checkpointing=True,
                 create=owner,
                 cleanup_tmp_directories=owner,
@@ -146,6 +154,19 @@ class Checkpointer:
         target = {"params": abstract_params, "opt": abstract_opt}
         got = self._newest_good(lambda step: self.mngr.restore(step, args=ocp.args.StandardRestore(target)))
         return None if got is None else (got[0], got[1]["params"], got[1]["opt"])
+
+    def restore_step(self, step: int, abstract_params, abstract_opt):
+        """(params, opt_state) of exactly `step`, verified against its record first (a cooldown
+        branch forking from its trunk). ConfigError if that step is not a good checkpoint."""
+        if step not in self.committed_steps():
+            raise ConfigError(f"{self.directory} has no committed checkpoint at step {step}; train its run to that "
+                              "step first (for a cooldown branch: its trunk)")
+        why = self.verify(step)
+        if why:
+            raise ConfigError(f"checkpoint {self.directory / str(step)} is damaged ({why}); re-train its run")
+        target = {"params": abstract_params, "opt": abstract_opt}
+        got = self.mngr.restore(step, args=ocp.args.StandardRestore(target))
+        return got["params"], got["opt"]
 
     def restore_params(self, abstract_params):
         """Parameters only (sampling, evaluation), from the newest good checkpoint, or None."""

@@ -27,14 +27,14 @@ from omegaconf import OmegaConf
 
 from archs.errors import ConfigError
 from archs.sizes import pattern_shortfall
-from sweeps.config import Config
+from sweeps.config import Config, Role
 from sweeps.engine.checkpoint import Checkpointer
 from sweeps.engine.data import check_windows, eval_windows, load_corpus, train_batch
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
 from sweeps.engine.plan import Plan, config_hash, plan_run, run_id_for
 from sweeps.engine.records import EvalRecord, ResultsDB
-from sweeps.engine.trainer import Trainer
+from sweeps.engine.trainer import Trainer, schedule_steps
 
 
 class Diverged(Exception):
@@ -102,6 +102,8 @@ def train(cfg: Config, *, devices=None) -> dict:
             "fewer devices"
         )
     run_id = cfg.run_id or run_id_for(cfg)
+    if cfg.role == Role.branch:
+        _check_trunk(cfg, plan)
     check_root(cfg.root)
     db = ResultsDB(cfg.root)
     existing = db.get(run_id)
@@ -113,8 +115,26 @@ def train(cfg: Config, *, devices=None) -> dict:
         return _claim_and_train(cfg, plan, db, corpus, windows, run_id, digest, devices, signals)
 
 
+def fork_step(cfg: Config, plan: Plan) -> int:
+    """The trunk step a cooldown branch starts from: where its own decay begins."""
+    return plan.steps - schedule_steps(cfg.optim, plan.steps)[1]
+
+
+def _check_trunk(cfg: Config, plan: Plan) -> None:
+    """A branch's trunk must have a committed checkpoint at the fork step (checked again, with
+    checksums, when it is read)."""
+    fork = fork_step(cfg, plan)
+    if fork < 1:
+        raise ConfigError(f"optim.decay_steps={cfg.optim.decay_steps} leaves no trunk steps to fork from in a run of "
+                          f"{plan.steps} steps")
+    if not (run_dir(cfg.root, cfg.train.branch_from) / "ckpt.integrity" / f"{fork}.json").is_file():
+        raise ConfigError(f"trunk {cfg.train.branch_from} has no committed checkpoint at step {fork} in {cfg.root}; "
+                          "train the trunk first (the sweep does it before its branches)")
+
+
 def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
     mc = plan.model_cfg
+    own_steps = plan.steps - fork_step(cfg, plan) if cfg.role == Role.branch else plan.steps
     return {
         "arch": mc.name, "tokens": plan.tokens, "flops": plan.flops, "size": mc.size, "d_model": mc.d_model,
         "n_layers": mc.n_layers, "pattern": mc.pattern, "objective": str(mc.objective),
@@ -126,7 +146,9 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
         "config": dataclasses.asdict(cfg), "config_hash": digest,
         "params": plan.params, "nonembed_params": plan.nonembed_params, "active_params": plan.active_params,
         "tokenizer": "byte", "vocab_size": mc.vocab_size,
-        "epochs": plan.tokens / max(1, corpus.train.size), "compute_spent": plan.flops,
+        "epochs": plan.tokens / max(1, corpus.train.size),
+        "role": str(cfg.role), "trunk_id": cfg.train.branch_from or None,
+        "compute_spent": plan.flops * own_steps / plan.steps,  # a branch adds only its cooldown
     }
 
 
@@ -175,7 +197,9 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
 
-    checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True)
+    checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True,
+                                keep_steps=cfg.train.keep_steps)
+    keep_steps = set(cfg.train.keep_steps)
     writer = bar = None
 
     def save(step: int) -> None:
@@ -189,6 +213,14 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
             start, model_state, opt_state = restored
             state = trainer.from_checkpoint(model_state, opt_state)
             print(f"{run_id}: resumed from step {start}", file=sys.stderr)
+        elif cfg.role == Role.branch:  # a fresh branch starts where its trunk is at the fork step
+            start = fork_step(cfg, plan)
+            trunk = Checkpointer(run_dir(cfg.root, cfg.train.branch_from) / "ckpt")
+            try:
+                state = trainer.from_checkpoint(*trunk.restore_step(start, *trainer.abstract_checkpoint()))
+            finally:
+                trunk.close()
+            print(f"{run_id}: branched from trunk {cfg.train.branch_from} at step {start}", file=sys.stderr)
         metrics_path = rdir / "metrics.jsonl"
         _truncate_jsonl(metrics_path, start)
         db.drop_evals_after(run_id, start)
@@ -248,7 +280,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                         save(done_steps)
                         checkpointer.commit()
                         raise signals.stop(run_id, done_steps, saved=True)
-                    due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or (
+                    due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or done_steps in keep_steps or (
                         every_steps and done_steps % every_steps == 0)
                     if due:
                         save(done_steps)

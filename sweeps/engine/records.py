@@ -73,6 +73,7 @@ class RunRecord:
     vocab_size: Optional[int] = None
     epochs: Optional[float] = None  # training tokens / training-split tokens
     trunk_id: Optional[str] = None  # the run a cooldown branch forks from; NULL otherwise
+    role: Optional[str] = None  # run | trunk (a cooldown trunk: not a grid point) | branch
     compute_spent: Optional[float] = None  # FLOPs this row added (a branch: its own steps only)
     active_params: Optional[int] = None  # parameters one token touches (= params for dense models)
     eval_acc: Optional[float] = None  # held-out recall accuracy (data=mqar); NULL elsewhere

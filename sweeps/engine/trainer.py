@@ -24,23 +24,36 @@ from archs.errors import ConfigError
 from archs.model import Model
 from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, update_router_bias
 from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
-from sweeps.config import Config, OptimConfig, Schedule
+from sweeps.config import Config, DecayShape, OptimConfig, Schedule
 from sweeps.engine.data import n_bytes
 from sweeps.engine.plan import Plan, make_objective
 
 EVAL_KEY = 1234  # the same evaluation noise for every run and arch: comparable numbers
 
 
+def schedule_steps(optim: OptimConfig, total_steps: int) -> tuple[int, int]:
+    """(warmup steps, decay steps) of a run: absolute counts when set, else from the fractions."""
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else \
+        max(1, int(round(optim.warmup_frac * total_steps)))
+    decay = optim.decay_steps if optim.decay_steps is not None else max(1, int(round(optim.decay_frac * total_steps)))
+    return warmup, decay
+
+
 def lr_schedule(optim: OptimConfig, total_steps: int, peak_lr: float):
-    warmup = max(1, int(round(optim.warmup_frac * total_steps)))
+    """Learning rate by step: linear warmup from 0, then cosine to the floor, or (wsd) constant and
+    a cooldown over the last decay steps (linear, or 1 - sqrt as in Hagele et al. 2024)."""
+    warmup, decay = schedule_steps(optim, total_steps)
     floor = peak_lr * optim.min_lr_ratio
     if optim.schedule == Schedule.cosine:
-        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), floor)
-    decay = max(1, int(round(optim.decay_frac * total_steps)))
+        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(warmup, 1), max(total_steps, warmup + 1), floor)
     stable = max(0, total_steps - warmup - decay)
+    if optim.decay_shape == DecayShape.sqrt:
+        def cool(k):
+            return floor + (peak_lr - floor) * (1.0 - jnp.sqrt(jnp.clip(k / max(decay, 1), 0.0, 1.0)))
+    else:
+        cool = optax.linear_schedule(peak_lr, floor, max(decay, 1))
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak_lr, warmup), optax.constant_schedule(peak_lr),
-         optax.linear_schedule(peak_lr, floor, decay)],
+        [optax.linear_schedule(0.0, peak_lr, max(warmup, 1)), optax.constant_schedule(peak_lr), cool],
         [warmup, warmup + stable],
     )
 

@@ -203,3 +203,64 @@ def describe_grid(points: Sequence[GridPoint], dropped: Sequence[DroppedPoint] =
     lines += ["  " + p.describe() + f"  flops={p.flops:.3g} ({p.rel_error:+.1%})" for p in points]
     lines += [f"  dropped: C={d.budget:.3g} size={d.size}: {d.reason}" for d in dropped]
     return "\n".join(lines)
+
+
+# --- WSD cooldown branches ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Cooldowns:
+    """One size's trunk and branches (Hagele et al. 2024): the trunk trains warmup + constant rate
+    to the last fork step and keeps a checkpoint at every fork; branch i starts from the trunk at
+    fork_i = steps_i - decay_i and decays over its last decay_i steps, so it computes exactly
+    what a separate warmup-stable-decay run of steps_i steps would (same batches, same rates)."""
+
+    size: str
+    extra: tuple[str, ...]
+    warmup: int  # shared by the trunk and every branch
+    branches: tuple[tuple[GridPoint, int], ...]  # (point, decay steps), by steps ascending
+    tokens_per_step: int
+
+    @property
+    def forks(self) -> list[int]:
+        return [p.steps - d for p, d in self.branches]
+
+    @property
+    def trunk_steps(self) -> int:
+        return max(self.forks)
+
+    def compute_ratio(self) -> float:
+        """FLOPs trained (trunk once + every cooldown) / FLOPs of the points as separate runs."""
+        own = self.trunk_steps + sum(d for _, d in self.branches)
+        return own / sum(p.steps for p, _ in self.branches)
+
+
+def cooldown_plans(points: Sequence[GridPoint], *, cooldown_frac: float, warmup_frac: float,
+                   warmup_steps: int | None, tokens_per_step: int) -> list[Cooldowns]:
+    """Group IsoFLOP points by (size, extra overrides) into trunks with branches. The warmup is
+    that of the group's shortest point (warmup_frac of its steps, or warmup_steps), so every
+    branch forks after it."""
+    groups: dict[tuple, list[GridPoint]] = {}
+    for p in points:
+        groups.setdefault((p.size, tuple(p.extra)), []).append(p)
+    plans = []
+    for (size, extra), pts in groups.items():
+        pts = sorted(pts, key=lambda p: p.steps)
+        warmup = warmup_steps if warmup_steps is not None else max(1, int(round(warmup_frac * pts[0].steps)))
+        branches = tuple((p, max(1, int(round(cooldown_frac * p.steps)))) for p in pts)
+        for p, d in branches:
+            if p.steps - d <= warmup:
+                raise ConfigError(
+                    f"size {size} at C={p.budget:.3g}: {p.steps} steps leave no stable phase after a {warmup}-step "
+                    f"warmup and a {d}-step cooldown; raise the budget, lower sweep.cooldown_frac or optim.warmup_frac")
+        plans.append(Cooldowns(size, extra, warmup, branches, tokens_per_step))
+    return plans
+
+
+def describe_cooldowns(plans: Sequence[Cooldowns]) -> str:
+    lines = [f"WSD cooldowns: {len(plans)} trunks, {sum(len(c.branches) for c in plans)} branches"]
+    for c in plans:
+        extra = (" " + " ".join(c.extra)) if c.extra else ""
+        lines.append(f"  trunk size={c.size}{extra}: warmup {c.warmup}, {c.trunk_steps} steps, forks at "
+                     f"{', '.join(map(str, c.forks))}; compute {c.compute_ratio():.2f}x of separate runs")
+    return "\n".join(lines)

@@ -37,21 +37,29 @@ from sweeps.engine.interrupts import Interrupted, Preempted
 from sweeps.engine.loop import check_root
 from sweeps.engine.plan import plan_run, run_id_for
 from sweeps.engine.records import ResultsDB
-from sweeps.grid.isoflop import GRID_KEYS, describe_grid, expand_grid, isoflop_grid, with_extra
+from sweeps.grid.isoflop import (GRID_KEYS, cooldown_plans, describe_cooldowns, describe_grid, expand_grid,
+                                 hydra_value, isoflop_grid, with_extra)
+
+# Keys the driver sets on cooldown trunks and branches, and on the seeds of a point.
+COOLDOWN_KEYS = ("optim.schedule", "optim.warmup_steps", "optim.decay_steps", "optim.decay_shape", "role",
+                 "train.branch_from", "train.keep_steps")
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def split_arguments(parsed_overrides, has_budgets: bool):
+def split_arguments(parsed_overrides, cfg: Config):
     """Plain command-line overrides (kept on every job) and comma/range sweeps (extra grid axes)."""
     base, axes = [], []
+    reserved = set(GRID_KEYS if cfg.sweep.budgets else ()) | set(COOLDOWN_KEYS if cfg.sweep.cooldowns else ())
+    if cfg.sweep.seeds > 1:
+        reserved.add("seed")
     for ov in parsed_overrides:
         key = ov.key_or_group
-        if key in GRID_KEYS and has_budgets:
-            raise ConfigError(f"{key} is set per run by the IsoFLOP sweep; drop {ov.input_line!r} "
-                              "(or use sweep=none for a single run)")
+        if key in reserved:
+            raise ConfigError(f"{key} is set per run by the sweep ({'sweep.seeds' if key == 'seed' else 'the grid'}); "
+                              f"drop {ov.input_line!r} (or use sweep=none for a single run)")
         if ov.is_sweep_override():
             if not ov.is_discrete_sweep():
                 raise ConfigError(f"{ov.input_line!r}: only comma lists and range() sweeps are supported")
@@ -63,13 +71,16 @@ def split_arguments(parsed_overrides, has_budgets: bool):
 
 
 def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: Callable):
-    """Job overrides of every point, and the lines that describe the grid. The IsoFLOP grid is
-    derived separately for every combination of the extra axes (sweep.grid, comma lists), from the
-    config composed with that combination: an axis that changes the arch (arch.pattern), the
-    sequence length or the batch changes the FLOPs per token, hence every point's token count."""
-    extras = [tuple(a) + tuple(b) for a in expand_grid(cfg.sweep.grid) for b in itertools.product(*axes)]
+    """Job overrides of every point in launch phases (cooldown trunks before their branches), and
+    the lines that describe the grid. The IsoFLOP grid is derived separately for every combination
+    of the extra axes (sweep.grid, comma lists, seeds), from the config composed with that
+    combination: an axis that changes the arch (arch.pattern), the sequence length or the batch
+    changes the FLOPs per token, hence every point's token count."""
+    seeds = [()] if cfg.sweep.seeds == 1 else [(f"seed={cfg.seed + j}",) for j in range(cfg.sweep.seeds)]
+    extras = [tuple(a) + tuple(b) + s for a in expand_grid(cfg.sweep.grid) for b in itertools.product(*axes)
+              for s in seeds]
     if not cfg.sweep.budgets:
-        return [base + list(e) for e in extras], []
+        return [[base + list(e) for e in extras]], []
     points, dropped = [], []
     for extra in extras:
         c = to_typed(job_config(base + list(extra))) if extra else cfg
@@ -86,30 +97,50 @@ def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: C
             f"every point of sweep {cfg.sweep.name!r} was dropped ({'; '.join(d.reason for d, _ in dropped[:3])}"
             f"{'; ...' if len(dropped) > 3 else ''}); raise sweep.budgets, use smaller sizes or relax "
             "sweep.min_steps / the tokens-per-parameter bounds")
-    return [base + p.overrides() for p in points], notes + [describe_grid(points)]
+    notes.append(describe_grid(points))
+    if not cfg.sweep.cooldowns:
+        return [[base + p.overrides() for p in points]], notes
+    sw, o = cfg.sweep, cfg.optim
+    plans = cooldown_plans(points, cooldown_frac=sw.cooldown_frac, warmup_frac=o.warmup_frac,
+                           warmup_steps=o.warmup_steps, tokens_per_step=cfg.train.batch_size * cfg.train.seq_len)
+    trunks, branches = [], []
+    for plan in plans:
+        wsd = ["optim.schedule=wsd", f"optim.warmup_steps={plan.warmup}", f"optim.decay_shape={sw.cooldown_shape}"]
+        trunk = [*base, *plan.extra, f"arch.size={hydra_value(plan.size)}",
+                 f"train.tokens={plan.trunk_steps * plan.tokens_per_step}", *wsd, "optim.decay_steps=0", "role=trunk",
+                 f"train.keep_steps={hydra_value(plan.forks)}"]
+        trunk_cfg = to_typed(job_config(trunk))
+        trunks.append(trunk)
+        for point, decay in plan.branches:
+            branches.append([*base, *point.overrides(), *wsd, f"optim.decay_steps={decay}", "role=branch",
+                             f"train.branch_from={trunk_cfg.run_id or run_id_for(trunk_cfg)}"])
+    notes.append(describe_cooldowns(plans))
+    return [trunks, branches], notes
 
 
 def run_sweep(cfg: Config, parsed_overrides, *, job_config: Callable, launch: Callable,
               max_batch_size: int | None, sequential: bool, sweep_dir: Path, raw_config) -> list[Any]:
-    base, axes = split_arguments(parsed_overrides, bool(cfg.sweep.budgets))
-    jobs, notes = grid_jobs(cfg, base, axes, job_config)
-    if len(jobs) > 1 and cfg.run_id:
+    base, axes = split_arguments(parsed_overrides, cfg)
+    phases, notes = grid_jobs(cfg, base, axes, job_config)
+    n_jobs = sum(map(len, phases))
+    if n_jobs > 1 and cfg.run_id:
         raise ConfigError("run_id is set, but a sweep trains many runs; drop run_id=... (ids are derived)")
 
     # Compose, type and plan every job now: a bad override or a config that cannot train stops the
     # sweep before anything is written. Then skip finished runs.
     planned = []
     n_devices = jax.device_count()
-    for ov in jobs:
-        job = to_typed(job_config(ov))
-        plan_run(job, n_devices)
-        planned.append((job.run_id or run_id_for(job), ov))
+    for phase, jobs in enumerate(phases):
+        for ov in jobs:
+            job = to_typed(job_config(ov))
+            plan_run(job, n_devices)
+            planned.append((job.run_id or run_id_for(job), ov, phase))
     for line in notes:
         say(line)
     check_root(cfg.root)
     db = ResultsDB(cfg.root)
     todo, skipped, busy = [], [], []
-    for rid, ov in planned:
+    for rid, ov, phase in planned:
         row = db.get(rid)
         if row is not None and row["status"] == "done":
             skipped.append((rid, "done"))
@@ -118,32 +149,34 @@ def run_sweep(cfg: Config, parsed_overrides, *, job_config: Callable, launch: Ca
         elif row is not None and not db.is_resumable(row) and not cfg.sweep.retry_failed:
             skipped.append((rid, "failed earlier (sweep.retry_failed=true trains it again)"))
         else:
-            todo.append((rid, ov, row))
+            todo.append((rid, ov, row, phase))
     for rid, why in skipped:
         say(f"  skip {rid}: {why}")
     for rid in busy:
         say(f"  skip {rid}: being trained by another live process")
-    resumed = sum(1 for _, _, row in todo if row is not None)
-    say(f"sweep {cfg.sweep.name!r}: {len(jobs)} runs, {len(skipped)} already recorded, {len(busy)} busy elsewhere, "
+    resumed = sum(1 for _, _, row, _ in todo if row is not None)
+    say(f"sweep {cfg.sweep.name!r}: {n_jobs} runs, {len(skipped)} already recorded, {len(busy)} busy elsewhere, "
         f"{len(todo)} to train ({resumed} resumed) -> {Path(cfg.root) / 'results.sqlite'}")
 
     returns: list[Any] = []
     errors: list[str] = []
     if cfg.sweep.dry_run:
-        for rid, ov, _ in todo:
+        for rid, ov, _, _ in todo:
             say(f"  would train {rid}: {' '.join(ov)}")
         return returns
     if todo:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(raw_config, sweep_dir / "multirun.yaml")
-        batch_size = max_batch_size or (1 if sequential else len(todo))
-        idx = 0
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            results = launch([ov for _, ov, _ in batch], idx)
+    idx = 0
+    for phase in range(len(phases)):  # a phase starts when the one before it has finished
+        jobs = [t for t in todo if t[3] == phase]
+        batch_size = max_batch_size or (1 if sequential else max(1, len(jobs)))
+        for i in range(0, len(jobs), batch_size):
+            batch = jobs[i:i + batch_size]
+            results = launch([ov for _, ov, _, _ in batch], idx)
             idx += len(batch)
             returns.append(results)
-            for (rid, _, _), exc in zip(batch, results):
+            for (rid, _, _, _), exc in zip(batch, results):
                 if exc is None:
                     continue
                 if isinstance(exc, (Preempted, Interrupted)):
