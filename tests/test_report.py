@@ -204,7 +204,7 @@ def test_saturated_and_degenerate_grids(tmp_path):
             n = 0.1 * c**0.5 * f
             rows.append(run_row("pure", n, c / (6 * n), 30 * c**-0.1 * (1 + 0.02 * math.log(f) ** 2), budget=c))
     rows += sweep_rows("tiny", BUDGETS[:2])
-    out = make_report(ReportConfig(root=str(write_db(tmp_path, rows)), bootstrap=BOOT, figures=True))
+    out = make_report(ReportConfig(root=str(write_db(tmp_path, rows)), bootstrap=BOOT, figures=False))
     f = fits(out)
     assert f["ar"]["status"] == "saturated" and "3 distinct points for 3 parameters" in f["ar"]["flags"][0]
     assert f["pure"]["status"] == "degenerate" and f["pure"]["E"] < 1e-3
@@ -214,8 +214,6 @@ def test_saturated_and_degenerate_grids(tmp_path):
     law_table = md.split("## Fitted compute laws")[1].split("\n## ")[0]
     assert "| ar | saturated |" in law_table and "| pure | degenerate |" in law_table
     assert "| tiny | insufficient |" in law_table
-    for name in ("loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "curves"):
-        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").exists()
 
 
 def test_isoflop_laws_only_from_bracketed_optima(tmp_path):
@@ -228,6 +226,47 @@ def test_isoflop_laws_only_from_bracketed_optima(tmp_path):
     assert iso["a"] is None and iso["status"] == "insufficient"
     assert iso["reason"] == "not fitted: 0 bracketed optima (needs 3)"
     assert f["tokens_per_param"]["isoflop"] == []
+
+
+def test_figures_label_statuses_and_tick_labels_never_collide(tmp_path, monkeypatch):
+    """Every figure, for size ranges from 1.2x to nine decades, after drawing: no two tick labels of an axis
+    overlap; a saturated law (3 budgets) says so in the legends; a law never drawn says why."""
+    rows = []
+    for arch, sizes in (("narrow", (0.9, 1.0, 1.1)), ("decade", (0.3, 1.0, 3.0)), ("wide", (1e-4, 0.1, 1.0, 1e4))):
+        rows += sweep_rows(arch, BUDGETS if arch != "wide" else [1e12, 1e16, 1e20], sizes=sizes)
+    rows += sweep_rows("edge", BUDGETS[:3], sizes=(2.0, 4.0, 8.0))  # no budget brackets its minimum
+    root = write_db(tmp_path, rows)
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name, drawn: figs.append((name, fig)))
+    from sweeps.analysis.report import analyse
+
+    _, groups, _ = analyse(ReportConfig(root=str(root), bootstrap=0, figures=False))
+    plots.draw_all(tmp_path, list(groups.values()), lr_rows=[], recall_points=[])
+    assert [n for n, _ in figs] == ["loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "curves"]
+    assert len(groups) == 4
+    for name, fig in figs:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if not (ax.axison and ax.get_visible()):
+                continue
+            for axis in (ax.xaxis, ax.yaxis):
+                boxes = [t.get_window_extent(r) for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+                assert len(boxes) >= 2, (name, ax.get_title())
+                for a, b in zip(boxes, boxes[1:]):
+                    assert not a.overlaps(b), (name, ax.get_title(), [t.get_text() for t in axis.get_ticklabels()])
+
+    def legend(name):
+        fig = dict(figs)[name]
+        return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+    assert any(t.startswith("wide: ") and t.endswith("[saturated]") for t in legend("loss_vs_compute"))
+    assert any(t.startswith("narrow: ") and "[" not in t for t in legend("loss_vs_compute"))
+    assert any(t.startswith("wide (rms") and t.endswith("[saturated]") for t in legend("residuals"))
+    iso = legend("isoflop")
+    assert iso.count("C=1e18 (minimum not bracketed)") == 1 and "C=1e18" in iso  # edge, then a bracketed group
+    assert "N*(C) not fitted: 0 bracketed optima (needs 3)" in iso
+    assert "edge: not fitted: 0 bracketed optima (needs 3)" in legend("optimal_allocation")
 
 
 # --- cooldown branches ------------------------------------------------------------------------------------

@@ -297,7 +297,10 @@ def leave_one_out(budget_of_row: np.ndarray, targets: Sequence[tuple[float, floa
     budget_of_row = np.asarray(budget_of_row)
     out, failed = [], []
     for k, (C, actual) in enumerate(targets):
-        pred = fit_predict(budget_of_row != k, k)
+        try:
+            pred = fit_predict(budget_of_row != k, k)
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):  # a refit that breaks counts as failed
+            pred = math.nan
         if pred is None:
             continue
         if math.isfinite(pred):

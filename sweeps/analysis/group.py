@@ -296,13 +296,23 @@ def _isoflop(g: GroupAnalysis, n_boot: int, seed: int) -> None:
     g.isoflop = _try(lambda: fit_isoflop(C, N, L, D, rtol=0.01, n_boot=n_boot, seed=seed), "IsoFLOP fit")
 
 
-def _is_branch_family(rows: Sequence[dict]) -> set[int]:
+def _branch_family(rows: Sequence[dict]) -> set[int]:
+    """ids of the rows that are cooldown branches or the trunks they fork from."""
     trunks = {r["trunk_id"] for r in rows if r.get("trunk_id")}
     return {id(r) for r in rows if r.get("trunk_id") or r["run_id"] in trunks}
 
 
+def _eval_curve(r: dict) -> Curve | None:
+    ev = [e for e in r["evals"] if _finite(e.get("eval_bpb")) and e.get("flops") and e.get("tokens")]
+    if len(ev) < 2:
+        return None
+    return Curve(params=r["params"], flops=np.array([e["flops"] for e in ev], dtype=float),
+                 loss=np.array([e["eval_bpb"] for e in ev], dtype=float),
+                 tokens=np.array([e["tokens"] for e in ev], dtype=float))
+
+
 def _approach1(g: GroupAnalysis) -> None:
-    family = _is_branch_family(g.ok)
+    family = _branch_family(g.ok)
     if family:
         by_size: dict[float, list[Point]] = {}
         for p in g.points:
@@ -312,10 +322,7 @@ def _approach1(g: GroupAnalysis) -> None:
                         tokens=np.array([p.D for p in ps])) for n, ps in by_size.items() if len(ps) >= 2]
         source = "cooldown-branch endpoints (one curve per size)"
     else:
-        curves = [Curve(params=r["params"], flops=np.array([e["flops"] for e in r["evals"]], dtype=float),
-                        loss=np.array([e["eval_bpb"] for e in r["evals"]], dtype=float),
-                        tokens=np.array([e["tokens"] for e in r["evals"]], dtype=float))
-                  for r in g.ok if len(r["evals"]) >= 2]
+        curves = [c for c in map(_eval_curve, g.ok) if c is not None]
         source = "held-out curves during training (one per run)"
     if len({c.params for c in curves}) < 3:
         g.approach1 = NoFit(Status.INSUFFICIENT, f"needs {source} of at least 3 model sizes")
@@ -371,7 +378,8 @@ def _agreement(g: GroupAnalysis) -> None:
 
 def analyse_group(key: str, vals: dict, rows: list[dict], *, n_boot: int, seed: int = 0) -> GroupAnalysis:
     """Every fit of one group's rows (rows of excluded sweeps and recall probes already removed)."""
-    ok = [r for r in rows if r["status"] == "done" and _finite(r["eval_bpb"]) and r["flops"]]
+    ok = [r for r in rows if r["status"] == "done" and _finite(r["eval_bpb"]) and r["flops"] and r["params"]
+          and r["tokens"]]
     ok_ids = {r["run_id"] for r in ok}
     incomplete = [r for r in rows if r["incomplete"]]
     failed = [r for r in rows if r["run_id"] not in ok_ids and not r["incomplete"] and r["status"] in ("failed", "done")]

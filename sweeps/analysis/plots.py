@@ -365,7 +365,7 @@ def curves(out: Path, groups: Sequence[GroupAnalysis], drawn: list[str]) -> None
         color = {n: cmap(0.9 * i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
         dash = {b: DASHES[i % len(DASHES)] for i, b in enumerate(budgets)}
         for r in runs:
-            ev = [e for e in r["evals"] if e.get("eval_bpb") is not None]
+            ev = [e for e in r["evals"] if e.get("eval_bpb") is not None and e.get("flops")]
             ax.plot([e["flops"] for e in ev], [e["eval_bpb"] for e in ev], color=color[r["params"]],
                     linestyle=dash[budget_of(r)], linewidth=1.0, alpha=0.85)
         ax.set_xscale("log")

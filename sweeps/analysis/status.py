@@ -54,10 +54,6 @@ class Status(enum.StrEnum):
     INSUFFICIENT = "insufficient"
     FAILED = "failed"
 
-    @property
-    def fitted(self) -> bool:
-        return self in (Status.OK, Status.SATURATED, Status.DEGENERATE)
-
 
 @dataclass
 class NoFit:
