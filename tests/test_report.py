@@ -354,9 +354,10 @@ def test_recall_probe_rows_are_a_table_and_a_figure_not_a_fit(tmp_path):
 # --- bad input, old databases, the atomic swap ------------------------------------------------------------
 
 
-@pytest.fixture
-def reported(tmp_path):
-    root = write_db(tmp_path / "db", sweep_rows("ar", BUDGETS))
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A report every test below leaves exactly as it was."""
+    root = write_db(tmp_path_factory.mktemp("reported"), sweep_rows("ar", BUDGETS))
     out = make_report(ReportConfig(root=str(root), bootstrap=20, figures=False))
     return root, {p.name: p.read_bytes() for p in out.iterdir()}
 
