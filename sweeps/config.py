@@ -250,6 +250,39 @@ class BenchConfig(Config):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
+@dataclass
+class ReportConfig:
+    """`python -m sweeps.report`: re-fit and re-draw everything in a results database."""
+
+    root: str = "runs"
+    group_by: list[str] = field(default_factory=lambda: ["arch"])
+    bootstrap: int = 1000  # resamples per bootstrap interval (0: no intervals)
+    reference: str = ""  # the group compute multipliers are relative to ("": ar when present, else the first)
+    exclude_sweeps: list[str] = field(default_factory=lambda: ["lr_scan"])
+    figures: bool = True
+    seed: int = 0  # of the bootstrap resamples
+
+    def __post_init__(self) -> None:
+        if not str(self.root).strip():
+            raise ConfigError("root must name the directory that holds results.sqlite, e.g. root=runs")
+        self.group_by = list(self.group_by)
+        if not self.group_by or not all(isinstance(k, str) and k.strip() for k in self.group_by):
+            raise ConfigError(f"group_by={self.group_by} must be a non-empty list of keys, e.g. group_by=[arch] "
+                              "or group_by=[arch,arch.pattern]")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ConfigError(f"bootstrap={self.bootstrap!r} must be an integer >= 0 (resamples; e.g. bootstrap=1000)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an integer, e.g. seed=0")
+        if not isinstance(self.reference, str):
+            raise ConfigError(f"reference={self.reference!r} must be a group name (e.g. reference=ar) or empty")
+        self.exclude_sweeps = list(self.exclude_sweeps or [])
+        if not all(isinstance(s, str) for s in self.exclude_sweeps):
+            raise ConfigError(f"exclude_sweeps={self.exclude_sweeps} must be a list of sweep names, e.g. [lr_scan]")
+        if not isinstance(self.figures, bool):
+            raise ConfigError(f"figures={self.figures!r} must be true or false")
+
+
+
 def _sampling_checks(node: str, *, confidence: str, n: int, temperature: float, length: int) -> None:
     if confidence not in CONFIDENCES:
         raise ConfigError(f"{node}confidence={confidence!r}; use one of {', '.join(CONFIDENCES)}")
@@ -362,6 +395,7 @@ def register_configs() -> None:
     cs.store(name="lab_schema", node=Config)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(group="arch", name="schema", node=ModelConfig)
+    cs.store(name="report_schema", node=ReportConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="tradeoff_schema", node=TradeoffConfig)
     cs.store(name="kernel_bench_schema", node=KernelBenchConfig)
@@ -397,6 +431,8 @@ def error_line(e: BaseException) -> str:
         text += "; give a number"
     elif "could not be converted to Boolean" in text:
         text += "; give true or false"
+    elif "is not a ListConfig, list or tuple" in text:
+        text = f"{text.split(':', 1)[-1].strip()}; write a list, e.g. key=[a,b]"
     return f"{full_key}: {text}" if full_key else text
 
 

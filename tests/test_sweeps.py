@@ -152,7 +152,7 @@ def test_smoke_sweep_writes_the_report(smoke_root):
     fits = json.loads((out / "fits.json").read_text())
     e = fits["ar"]
     assert {"E", "A", "alpha", "ci", "n_runs"} <= set(e)
-    assert e["status"] == "ok", e["reason"]
+    assert e["status"] == "saturated", e["reason"]  # 3 budgets for the law's 3 parameters
     assert e["n_runs"] == 6 and e["n_failed"] == 0 and e["n_budgets"] == 3
     assert all(len(e["ci"][k]) == 2 for k in ("E", "A", "alpha")) and e["n_bootstrap_requested"] >= 1000
     for name in FIGURES:
@@ -178,13 +178,13 @@ def test_rerunning_the_sweep_trains_nothing(smoke_root):
 def test_report_command_refits_the_database(smoke_root):
     """`python -m sweeps.report root=DIR group_by=...`: no training, a fit per group (by size here)."""
     n_before = len(_rows(smoke_root))
-    proc = run_cli(["-m", "sweeps.report", f"root={smoke_root}", "group_by=arch,size", "bootstrap=200"], timeout=600)
+    proc = run_cli(["-m", "sweeps.report", f"root={smoke_root}", "group_by=[arch,size]", "bootstrap=200"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_rows(smoke_root)) == n_before
     fits = json.loads((smoke_root / "report" / "fits.json").read_text())
     assert set(fits) == {"arch=ar,size=50k", "arch=ar,size=xxs"}
     for e in fits.values():
-        assert e["n_runs"] == 3 and e["status"] == "ok" and e["E"] is not None
+        assert e["n_runs"] == 3 and e["status"] == "saturated" and e["E"] is not None
     bad = run_cli(["-m", "sweeps.report", f"root={smoke_root / 'nowhere'}"], timeout=300)
     assert bad.returncode == 2 and "no results database" in bad.stderr
 
@@ -234,8 +234,9 @@ def _write_law(db, arch, pattern, shift, budgets=BUDGETS, sweep="default"):
             fields = {"arch": arch, "params": int(n), "nonembed_params": int(0.8 * n), "tokens": int(c / (6 * n)),
                       "flops": c * (1 + 0.01 * (i - 1)), "budget": c, "sweep": sweep, "pattern": pattern,
                       "size": f"s{i}", "config": {"arch": {"name": arch, "pattern": pattern}, "optim": {"lr": 3e-3}}}
-            db.claim(rid, fields)
+            _, lock = db.claim(rid, fields)
             db.update(rid, status="done", eval_bpb=l_opt + 0.05 * math.log(n / n_opt) ** 2, pid=None)
+            lock.release()
 
 
 @pytest.fixture(scope="module")
@@ -249,16 +250,18 @@ def synthetic_root(tmp_path_factory):
     _write_law(db, "hybrid", "GGGA", 0.5)
     _write_law(db, "hybrid", "GGGGGGGA", 0.8)
     _write_law(db, "gdn", "G", 1.0, budgets=BUDGETS[:2])
-    db.claim("ar-diverged", {"arch": "ar", "params": 1000, "tokens": 10, "flops": 1e16, "budget": 1e16,
-                             "sweep": "default", "config": {"arch": {"name": "ar", "pattern": "A"}}})
+    _, lock = db.claim("ar-diverged", {"arch": "ar", "params": 1000, "tokens": 10, "flops": 1e16, "budget": 1e16,
+                                       "sweep": "default", "config": {"arch": {"name": "ar", "pattern": "A"}}})
     db.update("ar-diverged", status="failed", error="non-finite loss at step 3", pid=None)
+    lock.release()
     return root
 
 
 def test_report_recovers_known_laws_and_the_compute_multiplier(synthetic_root):
-    from sweeps.report import make_report
+    from sweeps.analysis.report import make_report
+    from sweeps.config import ReportConfig
 
-    out = make_report(synthetic_root, n_boot=1000, figures=False)
+    out = make_report(ReportConfig(root=str(synthetic_root), bootstrap=1000, figures=False))
     fits = json.loads((out / "fits.json").read_text())
     assert set(fits) == {"ar", "diffusion", "hybrid", "gdn"}
     ar, dif = fits["ar"], fits["diffusion"]
@@ -289,9 +292,10 @@ def test_report_recovers_known_laws_and_the_compute_multiplier(synthetic_root):
 
 def test_report_groups_by_any_config_key(synthetic_root):
     """group_by=[arch, arch.pattern] splits the hybrid patterns: an ablation at matched compute."""
-    from sweeps.report import make_report
+    from sweeps.analysis.report import make_report
+    from sweeps.config import ReportConfig
 
-    out = make_report(synthetic_root, group_by="arch,arch.pattern", n_boot=200, figures=True)
+    out = make_report(ReportConfig(root=str(synthetic_root), group_by=["arch", "arch.pattern"], bootstrap=200))
     fits = json.loads((out / "fits.json").read_text())
     g4, g8 = "arch=hybrid,arch.pattern=GGGA", "arch=hybrid,arch.pattern=GGGGGGGA"
     assert {g4, g8, "arch=ar,arch.pattern=A"} <= set(fits)
@@ -303,10 +307,6 @@ def test_report_groups_by_any_config_key(synthetic_root):
     assert "Loss at matched compute" in md and g8 in md
     for name in FIGURES:
         assert (out / f"{name}.png").exists() and (out / f"{name}.pdf").exists()
-    # the same grouping from the sweep config's spelling
-    from sweeps.report import parse_group_by
-
-    assert parse_group_by("[arch,pattern]") == ["arch", "pattern"] == parse_group_by(["arch", "pattern"])
 
 
 # --- parallel local jobs ----------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ import jax
 from omegaconf import OmegaConf
 
 from archs.errors import ConfigError
-from sweeps.report import make_report
-from sweeps.config import Config, to_typed
+from sweeps.analysis.report import make_report
+from sweeps.config import Config, ReportConfig, to_typed
 from sweeps.engine.interrupts import Interrupted, Preempted
 from sweeps.engine.loop import check_root
 from sweeps.engine.plan import plan_run, run_id_for
@@ -188,7 +188,7 @@ def run_sweep(cfg: Config, parsed_overrides, *, job_config: Callable, launch: Ca
 
     if cfg.sweep.report:
         t0 = time.time()
-        out = make_report(cfg.root, group_by=list(cfg.sweep.group_by), n_boot=cfg.sweep.bootstrap)
+        out = make_report(ReportConfig(root=cfg.root, group_by=list(cfg.sweep.group_by), bootstrap=cfg.sweep.bootstrap))
         say(f"report: {out} ({time.time() - t0:.1f}s)")
     if errors:
         print(f"error: {len(errors)} of {len(todo)} sweep runs raised an error (first: {errors[0]})", file=sys.stderr)
