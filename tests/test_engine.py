@@ -167,3 +167,31 @@ def test_single_run_command_learns_and_writes_its_row(tmp_path, stdlib_corpus):
     unigram = byte_unigram_bits(stdlib_corpus.heldout)
     assert row["eval_bpb"] < unigram - 1.0, (row["eval_bpb"], unigram)
     assert row["corpus_sha256"] == stdlib_corpus.sha256
+
+
+def test_cooldown_branch_equals_a_separately_trained_wsd_run(tmp_path):
+    """A branch forked from its trunk at step 10 and cooled down over 4 steps computes what a separate
+    warmup-stable-decay run of 14 steps computes (same batches, same rates up to the fork): the same
+    per-step losses after the fork and the same held-out bits per byte."""
+    from sweeps.engine.loop import train
+    from sweeps.engine.plan import run_id_for
+
+    common = ["+arch=ar", "sweep=none", *SMALL_RUN, "train.evals=1", "train.log_every=1", "optim.schedule=wsd",
+              "optim.warmup_steps=2", f"root={tmp_path}"]
+    trunk_cfg = compose([*common, "train.tokens=5120", "optim.decay_steps=0", "role=trunk", "train.keep_steps=[10]"])
+    trunk = train(trunk_cfg)
+    point = [*common, "train.tokens=7168", "optim.decay_steps=4"]
+    branch = train(compose([*point, "role=branch", f"train.branch_from={run_id_for(trunk_cfg)}"]))
+    plain = train(compose(point))
+    assert trunk["status"] == branch["status"] == plain["status"] == "done"
+    assert branch["trunk_id"] == trunk["run_id"] and branch["run_id"] != plain["run_id"]
+    assert branch["compute_spent"] == pytest.approx(plain["flops"] * 4 / 14) and plain["compute_spent"] == plain["flops"]
+
+    def log(row):
+        return [json.loads(ln) for ln in (tmp_path / "runs" / row["run_id"] / "metrics.jsonl").read_text().splitlines()]
+
+    after_fork = [r for r in log(plain) if r["step"] > 10]
+    assert [r["step"] for r in log(branch)] == [11, 12, 13, 14] == [r["step"] for r in after_fork]
+    for a, b in zip(log(branch), after_fork):
+        assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    assert abs(branch["eval_bpb"] - plain["eval_bpb"]) <= 1e-6, (branch["eval_bpb"], plain["eval_bpb"])

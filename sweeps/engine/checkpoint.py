@@ -56,6 +56,7 @@ class Checkpointer:
                 create=owner,
                 cleanup_tmp_directories=owner,
                 read_only=not owner,
+                save_interval_steps=1 if owner else 0,  # a reader never saves
             ),
         )
 
@@ -176,7 +177,8 @@ class Checkpointer:
         item = {"params": abstract_params}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
-        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        reader = ocp.CheckpointManager(self.directory,
+                                       options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0))
         try:
             got = self._newest_good(lambda step: reader.restore(step, args=args))
             return None if got is None else (got[0], got[1]["params"])

@@ -40,11 +40,12 @@ def make_objective(model_cfg: ModelConfig):
 
 # --- identity ------------------------------------------------------------------------------------
 
-# The fields that change what a run computes (or which IsoFLOP budget it stands for); the run id
-# hashes exactly these, so settings such as logging, checkpoint cadence, the mesh or the output
-# directory never split one run into two.
+# The fields that change what a run computes, or what it stands for (its IsoFLOP budget; its role:
+# a cooldown trunk or branch is not a plain run even where it computes the same); the run id hashes
+# exactly these, so settings such as logging, checkpoint cadence, the mesh or the output directory
+# never split one run into two.
 RESULT_FIELDS = ("arch", "data", "optim", "train.tokens", "train.batch_size", "train.seq_len", "train.evals",
-                 "train.eval_every", "train.eval_windows", "seed", "budget")
+                 "train.eval_every", "train.eval_windows", "seed", "budget", "role")
 
 
 def _get(cfg, path: str):
