@@ -14,7 +14,7 @@ from flax import nnx
 
 from archs.config import ModelConfig
 from archs.context import Ctx
-from archs.layers import RMSNorm, apply_rope, linear, rope_tables
+from archs.layers import RMSNorm, apply_rope, compute_dtype, linear, rope_tables
 
 
 def attention_mask(q_pos_bt, k_pos_bs, *, causal: bool, window: int, q_seg_bt=None, k_seg_bs=None):
@@ -125,3 +125,13 @@ def attention_flops(cfg: ModelConfig, seq_len: int, *, window: int, executed: bo
     proj = 2 * seq_len * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
     pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
     return proj + 2 * 2 * pairs * hd * h
+
+
+def attention_state_bytes(cfg: ModelConfig, seq_len: int, *, window: int) -> float:
+    """Bytes of decode state per sequence after seq_len tokens: keys and values of every position
+    a query can still see (all of them; the last `window` for sliding-window attention), in the
+    compute dtype, for n_kv_heads heads of head_dim. The cache's segment ids (document-mask
+    bookkeeping, one int32 per position) are not model state and are not counted."""
+    visible = min(seq_len, window) if window else seq_len
+    itemsize = jnp.dtype(compute_dtype(cfg)).itemsize
+    return float(2 * visible * cfg.n_kv_heads * cfg.head_dim * itemsize)

@@ -10,6 +10,10 @@ A mixer is an nnx.Module with
     y = mixer(x_btd, ctx)                   # whole window (training, scoring)
     y, cache = mixer(x_btd, ctx, cache)     # incremental decoding (prefill or one token)
     cache = mixer.init_cache(batch, max_len, dtype)
+
+and its kind states what it costs: forward FLOPs, and the bytes of decode state one sequence
+holds after seq_len tokens (attention: the KV cache, growing with the context; recurrent
+mixers: their fixed state and conv windows), which the recall probe plots accuracy against.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Callable
 
 from flax import nnx
 
-from archs.attention import Attention, attention_flops
+from archs.attention import Attention, attention_flops, attention_state_bytes
 from archs.config import LAYER_KINDS, ModelConfig
 from archs.errors import ConfigError
+from archs.sizes import layer_kinds, resolve
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class MixerKind:
     build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
     # forward FLOPs of one mixer for one sequence; `executed` counts what a dense kernel computes
     flops: Callable[[ModelConfig, int, bool], float]
+    # bytes of decode state per sequence after seq_len tokens of context (cfg resolved)
+    state_bytes: Callable[[ModelConfig, int], float] | None = None
 
 
 _KINDS: dict[str, MixerKind] = {}
@@ -53,7 +60,23 @@ def mixer_kind(letter: str) -> MixerKind:
     return _KINDS[letter]
 
 
+def model_state_bytes(cfg: ModelConfig, seq_len: int) -> float:
+    """Bytes of decode state per sequence after seq_len tokens, summed over the stack's mixers
+    (the state a model can recall from: KV caches grow with seq_len, recurrent states do not)."""
+    cfg = resolve(cfg)
+    total = 0.0
+    for letter in layer_kinds(cfg):
+        kind = mixer_kind(letter)
+        if kind.state_bytes is None:
+            raise ConfigError(f"layer kind {letter!r} ({LAYER_KINDS[letter]}) does not state its decode-state size; "
+                              "give its archs.mixers.MixerKind a state_bytes function")
+        total += kind.state_bytes(cfg, seq_len)
+    return total
+
+
 register(MixerKind("A", lambda cfg, rngs: Attention(cfg, rngs=rngs),
-                   lambda cfg, t, executed: attention_flops(cfg, t, window=0, executed=executed)))
+                   lambda cfg, t, executed: attention_flops(cfg, t, window=0, executed=executed),
+                   lambda cfg, t: attention_state_bytes(cfg, t, window=0)))
 register(MixerKind("S", lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
-                   lambda cfg, t, executed: attention_flops(cfg, t, window=cfg.window, executed=executed)))
+                   lambda cfg, t, executed: attention_flops(cfg, t, window=cfg.window, executed=executed),
+                   lambda cfg, t: attention_state_bytes(cfg, t, window=cfg.window)))
