@@ -14,6 +14,8 @@ A mixer is an nnx.Module with
 and its kind states what it costs: forward FLOPs, and the bytes of decode state one sequence
 holds after seq_len tokens (attention: the KV cache, growing with the context; recurrent
 mixers: their fixed state and conv windows), which the recall probe plots accuracy against.
+A kind that honours ctx.blocks (block diffusion's block-causal mask) says so (block_mask);
+block diffusion refuses every other kind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class MixerKind:
     flops: Callable[[ModelConfig, int, bool], float]
     # bytes of decode state per sequence after seq_len tokens of context (cfg resolved)
     state_bytes: Callable[[ModelConfig, int], float] | None = None
+    block_mask: bool = False  # applies ctx.blocks (archs.context.BlockSpec): can run block diffusion
 
 
 _KINDS: dict[str, MixerKind] = {}
@@ -74,9 +77,21 @@ def model_state_bytes(cfg: ModelConfig, seq_len: int) -> float:
     return total
 
 
+def check_block_mask_support(cfg: ModelConfig) -> None:
+    """Block diffusion runs [noisy; clean] copies under a block-causal mask: only mixers that
+    apply ctx.blocks (attention) can; recurrences would scan across the two copies."""
+    if cfg.objective != "block_diffusion":
+        return
+    bad = sorted({k for k in cfg.pattern if not (k in _KINDS and _KINDS[k].block_mask)})
+    if bad:
+        names = ", ".join(f"{k} ({LAYER_KINDS.get(k, 'unknown')})" for k in bad)
+        raise ConfigError(f"block diffusion trains [noisy; clean] copies under a block-causal attention mask, which "
+                          f"{names} layers cannot run; use an attention-only arch.pattern (A, S)")
+
+
 register(MixerKind("A", lambda cfg, rngs: Attention(cfg, rngs=rngs),
                    lambda cfg, t, executed: attention_flops(cfg, t, window=0, executed=executed),
-                   lambda cfg, t: attention_state_bytes(cfg, t, window=0)))
+                   lambda cfg, t: attention_state_bytes(cfg, t, window=0), block_mask=True))
 register(MixerKind("S", lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
                    lambda cfg, t, executed: attention_flops(cfg, t, window=cfg.window, executed=executed),
-                   lambda cfg, t: attention_state_bytes(cfg, t, window=cfg.window)))
+                   lambda cfg, t: attention_state_bytes(cfg, t, window=cfg.window), block_mask=True))

@@ -289,16 +289,17 @@ def test_diffusion_denoiser_on_recurrent_stacks(pattern):
 
 def test_diffusion_hybrid_memorises_one_batch():
     """A bidirectional Gated DeltaNet + Mamba-2 + attention denoiser learns one fixed batch (the
-    masked-token cross-entropy falls from ~ln 257 to a fraction of it), and training moves every
-    parameter, both scan directions included."""
+    masked-token cross-entropy falls from ~ln 257 to a small fraction of it; measured 4.3 -> 0.26
+    in 400 steps), and training moves every parameter, both scan directions included."""
     import optax
 
     cfg = resolve(ModelConfig(objective="diffusion", causal=False, pattern="GMA", n_layers=3, d_model=64, n_heads=2,
                               chunk_size=8, mamba_head_dim=32, mamba_d_state=16,
                               diffusion=DiffusionConfig(normalize="masked")))
     obj = MaskedDiffusionObjective(cfg)
-    gdef, params = _build(lambda r: Model(cfg, rngs=r))
-    tx = optax.adam(1e-2)
+    gdef, params = nnx.split(Model(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    tx = optax.adam(3e-3)
     w = jax.random.randint(jax.random.key(6), (2, 17), 0, 256)
 
     def train(params):
@@ -308,17 +309,17 @@ def test_diffusion_hybrid_memorises_one_batch():
             up, opt = tx.update(g, opt, params)
             return (optax.apply_updates(params, up), opt), loss
 
-        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(0), 500))
+        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(0), 400))
         return params, losses
 
     trained, losses = _call(train, params)
     losses = np.asarray(losses)
     first, last = losses[:20].mean(), losses[-50:].mean()
-    assert first > 3.0 and last < 0.5 * first and last < 2.0, (first, last)
-    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, trained)
-    flat = nnx.to_flat_state(moved)
-    stuck = [".".join(map(str, path)) for path, v in flat if not v.get_value()]
-    assert any("_bwd" in ".".join(map(str, path)) for path, _ in flat) and not stuck, stuck
+    assert first > 3.0 and last < 0.25 * first and last < 1.0, (first, last)
+    moved = jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, trained))[0]
+    names = {jax.tree_util.keystr(path): v for path, v in moved}
+    assert any("_bwd" in n for n in names) and all(names.values()), [n for n, v in names.items() if not v]
 
 
 # --- decode-state sizes -------------------------------------------------------------------------
