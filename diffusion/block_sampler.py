@@ -43,7 +43,8 @@ class ModelBlockDenoiser:
     def __init__(self, model, batch: int, max_len: int, *, kv_cache: bool = True):
         cfg = model.cfg
         if cfg.objective != "block_diffusion":
-            raise ConfigError(f"block sampling needs a block-diffusion model; this one has arch.objective={cfg.objective}")
+            raise ConfigError(f"block sampling needs a block-diffusion model; this one has "
+                              f"arch.objective={cfg.objective}")
         self.block_size = blk = int(cfg.block_size)
         if max_len % blk:
             raise ValueError(f"max_len={max_len} must be a multiple of the block size {blk}")

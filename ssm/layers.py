@@ -426,7 +426,8 @@ class Mamba2(nnx.Module):
             fwd, _ = self._conv_heads(raw, x_btd, seg, None, self._direction(False))
             bwd, _ = self._conv_heads(tuple(map(_flip, raw)), _flip(x_btd), _flip(seg), None, self._direction(True))
             xs, dt, Bs, Cs = _stack_directions(fwd, bwd)
-            y, _ = ssd(xs, dt, A, Bs, Cs, chunk_size=self.cfg.chunk_size, segment_ids=_stack_directions(seg, _flip(seg)))
+            y, _ = ssd(xs, dt, A, Bs, Cs, chunk_size=self.cfg.chunk_size,
+                       segment_ids=_stack_directions(seg, _flip(seg)))
             b = x_btd.shape[0]
             y = self._skip(y[:b], fwd[0], self.D) + _flip(self._skip(y[b:], bwd[0], self.D_bwd))
             return self._output(y, x_btd)

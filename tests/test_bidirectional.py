@@ -5,7 +5,6 @@ sizes against hand counts."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -239,7 +238,7 @@ def test_bidirectional_layer_flops_match_xla(kind, extra):
     h = cfg.n_heads if kind == "G" else mamba_dims(cfg)[1]
     assert bd["proj"] - causal["proj"] == 2 * t * cfg.d_model * h * (2 if kind == "G" else 1)
     expected = _expected_xla(bd, _xla_counts_loop_trips())
-    assert abs(xla / expected - 1) < 0.10, (xla, expected, bd)
+    assert abs(xla / expected - 1) < 0.06, (xla, expected, bd)  # measured +3.3% (G), +4.3% (M): element-wise work
 
 
 def test_diffusion_hybrid_model_flops_match_xla():
@@ -252,7 +251,7 @@ def test_diffusion_hybrid_model_flops_match_xla():
     bd = recurrent_flops_breakdown(cfg, "G", t)
     n_gdn = layer_kinds(resolve(cfg)).count("G")
     expected = analytic - n_gdn * (bd["total"] - _expected_xla(bd, _xla_counts_loop_trips()))
-    assert abs(xla / expected - 1) < 0.10, (xla, expected, analytic)
+    assert abs(xla / expected - 1) < 0.05, (xla, expected, analytic)  # measured +1.9%
 
 
 # --- masked-diffusion denoisers on recurrent and hybrid stacks ----------------------------------
