@@ -360,3 +360,13 @@ def test_block_diffusion_memorises_one_batch():
     losses = np.asarray(_call(train, params))
     first, last = losses[:20].mean(), losses[-50:].mean()
     assert first > 3.0 and last < 0.25 * first and last < 1.0, (first, last)  # measured 4.2 -> 0.44
+
+
+def test_autoregressive_objective_refuses_a_block_diffusion_model():
+    """Until an engine builds BlockDiffusionObjective for objective=block_diffusion, falling back
+    to the AR objective fails with one line instead of training the wrong loss."""
+    from archs.objective import AutoregressiveObjective
+
+    with pytest.raises(ConfigError, match="BlockDiffusionObjective") as e:
+        AutoregressiveObjective(bd_cfg(4))
+    _one_line(e)
