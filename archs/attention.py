@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
 from archs.config import ModelConfig
 from archs.context import Ctx
-from archs.layers import RMSNorm, apply_rope, linear, rope_tables
+from archs.layers import RMSNorm, apply_rope, compute_dtype, linear, rope_tables
 
 
 def attention_mask(q_pos_bt, k_pos_bs, *, causal: bool, window: int, q_seg_bt=None, k_seg_bs=None):
@@ -83,6 +84,8 @@ class Attention(nnx.Module):
                 ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
                 q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
             )
+            if ctx.blocks is not None:  # block diffusion's [noisy; clean] pass
+                mask &= ctx.blocks.mask()
             return self._out(x_btd, attend(q, k, v, mask))
         # Incremental decoding: write the new keys at their positions, attend over the cache.
         start = ctx.positions[0, 0]
@@ -129,9 +132,51 @@ def attention_pairs(seq_len: int, *, causal: bool, window: int, executed: bool) 
     return t * (t + 1) / 2 if causal else float(t * t)
 
 
+def block_attention_pairs(seq_len: int, block_size: int, *, window: int, executed: bool) -> float:
+    """(query, key) pairs of block diffusion's vectorised pass over [noisy; clean] (2T tokens,
+    archs.context.BlockSpec's rule) for one sequence of T = seq_len scored tokens.
+
+    Without a window, block b (0-based, n = T / L blocks) has L noisy queries seeing L + b L keys
+    and L clean queries seeing (b + 1) L keys: T (T + L) pairs in all (L = T: 2 T^2, L = 1:
+    T (T + 1)). A window (|i - j| < window between positions) keeps only the pairs inside it.
+    executed=True: the dense [2T, 2T] product a masked kernel computes."""
+    t, blk = seq_len, block_size
+    if executed:
+        return float(4 * t * t)
+    if not window or window >= t:
+        return float(t * (t + blk))
+    p = np.arange(t)
+    start = p // blk * blk  # first position of the query's block
+
+    def keys_in(lo, hi):  # keys at positions [lo, hi) within the window of each query
+        return np.maximum(0, np.minimum(hi, p + window) - np.maximum(lo, p - window + 1))
+
+    noisy = keys_in(start, start + blk) + keys_in(0, start)
+    clean = keys_in(0, start + blk)
+    return float(noisy.sum() + clean.sum())
+
+
 def attention_flops(cfg: ModelConfig, seq_len: int, *, window: int, executed: bool) -> float:
-    """Forward FLOPs of one attention mixer (projections, scores and weighted sum) for one sequence."""
+    """Forward FLOPs of one attention mixer (projections, scores and weighted sum) for one sequence.
+
+    Block diffusion runs its [noisy; clean] concatenation: 2 T tokens through the projections and
+    the pairs block_attention_pairs counts."""
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    proj = 2 * seq_len * d * hd * (2 * h + 2 * kv + (h if cfg.attn_gate else 0))  # q, o, k, v (and gate)
-    pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
+    if cfg.objective == "block_diffusion":
+        tokens = 2 * seq_len
+        pairs = block_attention_pairs(seq_len, cfg.block_size, window=window, executed=executed)
+    else:
+        tokens = seq_len
+        pairs = attention_pairs(seq_len, causal=cfg.causal, window=window, executed=executed)
+    proj = 2 * tokens * d * hd * (2 * h + 2 * kv + (h if cfg.attn_gate else 0))  # q, o, k, v (and gate)
     return proj + 2 * 2 * pairs * hd * h
+
+
+def attention_state_bytes(cfg: ModelConfig, seq_len: int, *, window: int) -> float:
+    """Bytes of decode state per sequence after seq_len tokens: keys and values of every position
+    a query can still see (all of them; the last `window` for sliding-window attention), in the
+    compute dtype, for n_kv_heads heads of head_dim. The cache's segment ids (document-mask
+    bookkeeping, one int32 per position) are not model state and are not counted."""
+    visible = min(seq_len, window) if window else seq_len
+    itemsize = jnp.dtype(compute_dtype(cfg)).itemsize
+    return float(2 * visible * cfg.n_kv_heads * cfg.head_dim * itemsize)

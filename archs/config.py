@@ -66,7 +66,8 @@ class GdnImpl(StrEnum):
 
 @dataclass
 class DiffusionConfig:
-    """Masked diffusion (MDLM / LLaDA) objective settings; used when objective == 'diffusion'."""
+    """Masked diffusion (MDLM / LLaDA) objective settings; used when objective is 'diffusion' or
+    'block_diffusion'."""
 
     schedule: str = "loglinear"  # loglinear (alpha_t = 1 - t) | cosine
     eps: float = 1e-3  # t is clipped to [eps, 1]
@@ -81,7 +82,7 @@ class DiffusionConfig:
 @dataclass
 class ModelConfig:
     name: str = "ar"  # the arch's name as recorded in the results database
-    objective: str = "ar"  # ar | diffusion
+    objective: str = "ar"  # ar | diffusion | block_diffusion
     pattern: str = "A"  # layer pattern, tiled over n_layers (see LAYER_KINDS)
     size: str = "s"  # size knob: a name in archs.sizes.SIZES or a target non-embedding count ("3M", "2.5e6")
     # Explicit overrides of the size rule; 0 means "from the size rule".
@@ -114,6 +115,9 @@ class ModelConfig:
     mamba_head_dim: int = 0  # 0: head_dim
     mamba_d_state: int = 64
     mamba_groups: int = 1
+    # Block diffusion (objective block_diffusion): tokens per block L; L divides the training window.
+    # L = 1 is autoregressive, L = T is masked diffusion (BD3-LM); the diffusion settings below apply.
+    block_size: int = 0
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)

@@ -15,14 +15,20 @@ Conventions (stated, because every scaling-law comparison depends on them):
 
 `executed=True` drops the causal discount and counts what a dense masked kernel actually
 computes: that is what XLA's cost analysis reports, so tests compare against it.
+
+Block diffusion (BD3-LM) trains in one pass over [noisy; clean] copies of the window: every
+layer sees 2 T tokens and attention the pairs its block-causal mask allows (T (T + L) for
+global attention, archs.attention.block_attention_pairs; executed: the dense [2T, 2T]
+product); the head runs on the T noisy positions only. flops_per_token divides by the T scored
+tokens, so the doubled pass is in every FLOP budget and compute axis.
 """
 
 from __future__ import annotations
 
 from archs.config import ModelConfig
-from archs.mixers import mixer_kind
+from archs.mixers import check_block_mask_support, mixer_kind
 from archs.moe import moe_flops
-from archs.sizes import layer_kinds, mlp_hidden, resolve
+from archs.sizes import check_block_size, layer_kinds, mlp_hidden, resolve
 
 
 def mlp_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> float:
@@ -34,15 +40,23 @@ def mlp_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> floa
 
 def layer_flops(cfg: ModelConfig, kind: str, seq_len: int, *, executed: bool = False) -> float:
     """Forward FLOPs of one block (mixer + MLP) for one sequence."""
-    return mixer_kind(kind).flops(cfg, seq_len, executed) + mlp_flops(cfg, seq_len, executed=executed)
+    return mixer_kind(kind).flops(cfg, seq_len, executed) + mlp_flops(cfg, _pass_tokens(cfg, seq_len),
+                                                                   executed=executed)
+
+
+def _pass_tokens(cfg: ModelConfig, seq_len: int) -> int:
+    """Tokens through the stack per window: block diffusion runs its noisy and clean copies."""
+    return 2 * seq_len if cfg.objective == "block_diffusion" else seq_len
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False, embedding: bool = True) -> dict:
-    """Forward FLOPs for one sequence of seq_len tokens, with a per-part breakdown."""
+    """Forward FLOPs for one sequence of seq_len (scored) tokens, with a per-part breakdown."""
     cfg = resolve(cfg)
+    check_block_size(cfg, seq_len)
+    check_block_mask_support(cfg)
     layers = [layer_flops(cfg, kind, seq_len, executed=executed) for kind in layer_kinds(cfg)]
     head = 2 * seq_len * cfg.d_model * cfg.vocab_size
-    embed = head if embedding else 0.0
+    embed = 2 * _pass_tokens(cfg, seq_len) * cfg.d_model * cfg.vocab_size if embedding else 0.0
     time = 2 * cfg.d_model * cfg.d_model if cfg.diffusion.time_conditioning else 0.0
     return {
         "layers": layers,
@@ -54,7 +68,7 @@ def forward_flops(cfg: ModelConfig, seq_len: int, *, executed: bool = False, emb
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (3 x forward)."""
+    """Training FLOPs per scored token (3 x forward), block diffusion's doubled pass included."""
     return 3 * forward_flops(cfg, seq_len)["total"] / seq_len
 
 

@@ -124,3 +124,10 @@ def mla_flops(cfg: ModelConfig, seq_len: int, *, executed: bool) -> float:
     out = 2 * t * h * dh * d * (2 if cfg.attn_gate else 1)  # output projection (and gate)
     pairs = attention_pairs(t, causal=cfg.causal, window=0, executed=executed)
     return q + kv + out + 2 * pairs * h * (dh + dr) + 2 * pairs * h * dh
+
+
+def mla_state_bytes(cfg: ModelConfig, seq_len: int) -> float:
+    """Bytes of decode state per sequence after seq_len tokens: the latent c_kv and the shared
+    RoPE key of every position, in the compute dtype (the cache's segment ids are bookkeeping)."""
+    itemsize = jnp.dtype(compute_dtype(cfg)).itemsize
+    return float(seq_len * (cfg.mla.kv_rank + cfg.mla.rope_dim) * itemsize)

@@ -86,11 +86,15 @@ class Model(nnx.Module):
         b, t = tokens_bt.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         seg = segment_ids_from_tokens(tokens_bt, self.eod_id) if self.cfg.doc_mask else None
-        ctx = Ctx(positions=positions, segment_ids=seg)
+        return self.forward(tokens_bt, Ctx(positions=positions, segment_ids=seg), t_b=t_b)
+
+    def forward(self, tokens_bt, ctx: Ctx, *, t_b=None, n_logits: int | None = None):
+        """Logits [B, n_logits, vocab] (fp32) of the first n_logits tokens (all when None) under an
+        explicit context: positions, segments and e.g. block diffusion's block structure."""
         x = self._embed(tokens_bt, t_b)
         for block in self.blocks:
             x = block(x, ctx)
-        return self._logits(x)
+        return self._logits(x if n_logits is None else x[:, :n_logits])
 
     # -- incremental decoding (AR and recurrent arches) --------------------------------------
     def init_cache(self, batch: int, max_len: int):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from archs.errors import ConfigError
+
 
 def token_nll(logits_btv, targets_bt):
     """-log p(target) per position, in fp32."""
@@ -21,6 +23,9 @@ class AutoregressiveObjective:
     name = "ar"
 
     def __init__(self, cfg):
+        if cfg.objective == "block_diffusion":  # its FLOP count and block size assume its own pass
+            raise ConfigError("arch.objective=block_diffusion trains with diffusion.block.BlockDiffusionObjective, "
+                              "not the autoregressive objective")
         self.cfg = cfg
 
     def loss(self, model, windows_bt, rng):

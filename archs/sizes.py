@@ -81,10 +81,13 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
             f"arch.pattern={cfg.pattern!r} has unknown layer kinds {bad}; use characters from "
             + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items())
         )
-    if cfg.objective not in ("ar", "diffusion"):
-        raise ConfigError(f"arch.objective={cfg.objective!r}; use 'ar' or 'diffusion'")
-    if cfg.objective == "diffusion" and cfg.causal:
+    if cfg.objective not in ("ar", "diffusion", "block_diffusion"):
+        raise ConfigError(f"arch.objective={cfg.objective!r}; use 'ar', 'diffusion' or 'block_diffusion'")
+    if cfg.objective in ("diffusion", "block_diffusion") and cfg.causal:
         raise ConfigError("a diffusion denoiser must see both sides: set arch.causal=false")
+    if cfg.objective == "block_diffusion" and cfg.block_size < 1:
+        raise ConfigError(f"arch.block_size={cfg.block_size}: block diffusion needs a block size >= 1 that divides "
+                          "train.seq_len (e.g. arch.block_size=16)")
     if cfg.objective == "ar" and not cfg.causal:
         raise ConfigError("an autoregressive model must be causal: set arch.causal=true")
     if cfg.dtype not in ("float32", "bfloat16"):
@@ -143,6 +146,13 @@ def _resolve_mla(cfg: ModelConfig):
             "(q_rank 0: no query compression) and rope_dim even (RoPE rotates pairs)"
         )
     return dataclasses.replace(m, kv_rank=kv_rank, rope_dim=rope_dim)
+
+
+def check_block_size(cfg: ModelConfig, seq_len: int) -> None:
+    """Block diffusion splits every window of seq_len scored tokens into whole blocks."""
+    if cfg.objective == "block_diffusion" and (cfg.block_size < 1 or seq_len % cfg.block_size):
+        raise ConfigError(f"arch.block_size={cfg.block_size} does not divide train.seq_len={seq_len}; "
+                          "choose a block size that divides the window (e.g. 4 or 16)")
 
 
 def layer_kinds(cfg: ModelConfig) -> list[str]:

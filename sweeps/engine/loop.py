@@ -26,13 +26,14 @@ import jax
 from omegaconf import OmegaConf
 
 from archs.errors import ConfigError
+from archs.mixers import model_state_bytes
 from archs.sizes import pattern_shortfall
 from sweeps.config import Config, Role
 from sweeps.engine.checkpoint import Checkpointer
 from sweeps.engine.data import check_windows, eval_windows, load_corpus, train_batch
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
-from sweeps.engine.plan import Plan, config_hash, plan_run, run_id_for
+from sweeps.engine.plan import DIFFUSION, Plan, config_hash, plan_run, run_id_for
 from sweeps.engine.records import EvalRecord, ResultsDB
 from sweeps.engine.trainer import Trainer, schedule_steps
 
@@ -142,7 +143,8 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
         "seed": cfg.seed, "steps": plan.steps, "budget": cfg.budget,
         "sweep": cfg.sweep.name if cfg.sweep.name != "none" else None,
         "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-        "eval_samples": mc.diffusion.eval_samples if mc.objective == "diffusion" else 1,
+        "eval_samples": mc.diffusion.eval_samples if mc.objective in DIFFUSION else 1,
+        "state_bytes": model_state_bytes(mc, cfg.train.seq_len),
         "config": dataclasses.asdict(cfg), "config_hash": digest,
         "params": plan.params, "nonembed_params": plan.nonembed_params, "active_params": plan.active_params,
         "tokenizer": "byte", "vocab_size": mc.vocab_size,
@@ -310,6 +312,6 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
     if error:
         print(f"{run_id}: FAILED: {error}", file=sys.stderr)
     else:
-        print(f"{run_id}: done, held-out {'NELBO bound ' if mc.objective == 'diffusion' else ''}"
+        print(f"{run_id}: done, held-out {'NELBO bound ' if mc.objective in DIFFUSION else ''}"
               f"{eval_bpb:.4f} bits/byte", file=sys.stderr)
     return result

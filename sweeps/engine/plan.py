@@ -24,11 +24,14 @@ from archs.model import Model, count_active_params, count_params
 from archs.objective import AutoregressiveObjective
 from archs.sharding import batch_shards, mesh_shape
 from archs.sizes import resolve
+from diffusion.block import BlockDiffusionObjective
 from diffusion.objective import MaskedDiffusionObjective
 from sweeps.config import Config, LrRule
 from sweeps.engine.data import available_memory
 
-OBJECTIVES = {"ar": AutoregressiveObjective, "diffusion": MaskedDiffusionObjective}
+OBJECTIVES = {"ar": AutoregressiveObjective, "diffusion": MaskedDiffusionObjective,
+              "block_diffusion": BlockDiffusionObjective}
+DIFFUSION = ("diffusion", "block_diffusion")  # objectives whose eval_bpb is a NELBO bound
 
 
 def make_objective(model_cfg: ModelConfig):

@@ -26,6 +26,7 @@ from archs.errors import ConfigError
 from archs.model import Model
 from archs.sampling import ARSampler
 from archs.sizes import resolve
+from diffusion.block_sampler import INSIDE_SAMPLERS, block_sample
 from diffusion.samplers import ModelDenoiser, sample
 from diffusion.schedules import get_schedule
 from sweeps.config import SampleConfig
@@ -106,6 +107,17 @@ def generate(run: LoadedRun, *, n: int, length: int, steps: int, sampler: str = 
     prefix = prompt_tokens(prompt)
     if length <= len(prefix):
         raise ConfigError(f"length={length} leaves no room after the {len(prefix)}-token prefix; raise length")
+    if run.model_cfg.objective == "block_diffusion":
+        # Block by block with an exact KV cache over finished blocks (cache=false: recompute them);
+        # `steps` denoising steps inside each block (0: one per token of the block).
+        if sampler not in INSIDE_SAMPLERS:
+            raise ConfigError(f"sampler={sampler!r}: block diffusion samples inside each block with one of "
+                              f"{', '.join(INSIDE_SAMPLERS)}")
+        tokens, stats = block_sample(
+            run.model, n, length, steps or run.model_cfg.block_size, kv_cache=cache, sampler=sampler,
+            schedule=get_schedule(run.model_cfg.diffusion.schedule), seed=seed, prefix=prefix,
+            temperature=temperature, confidence=confidence, progress=progress)
+        return tokens, {**stats, "steps": (steps or run.model_cfg.block_size) * stats["blocks"]}
     if run.model_cfg.objective == "diffusion":
         denoiser = denoiser or ModelDenoiser(run.model)
         steps = steps or length - len(prefix)
@@ -135,14 +147,15 @@ def detokenize(tokens) -> str:
 def main(sc: SampleConfig) -> None:
     run = load_run(sc.root, sc.run)
     length = sc.length or int(run.cfg.train.seq_len)
-    family = "masked diffusion" if run.model_cfg.objective == "diffusion" else "autoregressive"
+    family = {"diffusion": "masked diffusion", "block_diffusion": "block diffusion"}.get(
+        str(run.model_cfg.objective), "autoregressive")
     if family == "autoregressive" and sc.steps:
         print("note: autoregressive decoding takes one step per token; steps does not apply", file=sys.stderr)
     tokens, stats = generate(run, n=sc.n, length=length, steps=sc.steps, sampler=sc.sampler, prompt=sc.prompt,
                              seed=sc.seed, temperature=sc.temperature, block_len=sc.block_len,
                              confidence=sc.confidence, cache=sc.cache, progress=sc.progress)
-    how = (f"{sc.sampler}, {stats['steps']} steps, {stats['nfe']} model calls" if family == "masked diffusion"
-           else "KV-cache decoding")
+    how = ("KV-cache decoding" if family == "autoregressive"
+           else f"{sc.sampler}, {stats['steps']} steps, {stats['nfe']} model calls")
     print(f"# {run.run_id} (step {run.step}, {family}; {how}; seed {sc.seed})")
     for i, row in enumerate(tokens):
         print(f"\n----- sample {i} ({len(row)} tokens) -----")
