@@ -1,8 +1,10 @@
 """The autoregressive objective: next-token cross-entropy on packed windows.
 
 An objective turns windows [B, T + 1] (column 0 is the token before the scored window) into a
-training loss and into held-out nats on exactly the bytes in columns 1..T; masked diffusion
-(diffusion.objective) implements the same interface, so the engine treats both alike.
+training loss, into held-out nats on exactly the bytes in columns 1..T, and into one-shot
+predictions of chosen targets (`recall`, for associative-recall probes); masked and block
+diffusion (diffusion.objective, diffusion.block) implement the same interface, so the engine
+treats every family alike.
 """
 
 from __future__ import annotations
@@ -39,3 +41,9 @@ class AutoregressiveObjective:
         del rng
         return token_nll(model(windows_bt[:, :-1]), windows_bt[:, 1:]).sum(axis=1)
 
+
+    def recall(self, model, windows_bt, answers_bt):
+        """Greedy prediction [B, T] of every target in columns 1..T from the tokens before it (the
+        engine scores the positions where `answers_bt` [B, T] is set)."""
+        del answers_bt
+        return jnp.argmax(model(windows_bt[:, :-1]), axis=-1)

@@ -101,6 +101,15 @@ class BlockDiffusionObjective(MaskedDiffusionObjective):
         tokens, ctx = block_context(z_bt, x_bt, self.block_size, self.eod_id, self.cfg.doc_mask)
         return model.forward(tokens, ctx, n_logits=x_bt.shape[1])
 
+    def recall(self, model, windows_bt, answers_bt):
+        """One denoising step per block with every answer masked: each position's argmax [B, T]
+        given its block with the answers masked and the clean blocks before it (answers of earlier
+        blocks are context, as when sampling block by block)."""
+        x_bt = windows_bt[:, 1:]
+        self.n_blocks(x_bt.shape[1])
+        z_bt = jnp.where(answers_bt, self.mask_id, x_bt)
+        return jnp.argmax(subs_log_probs(self.denoiser_logits(model, z_bt, x_bt), z_bt), axis=-1)
+
     def masked_nll(self, model, x_bt, t_bn, rng):
         """-log p_theta(x_l | z^b, x^{<b}) per position [B, T] (exactly 0 where unmasked) and the mask."""
         self.n_blocks(x_bt.shape[1])

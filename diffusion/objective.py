@@ -122,3 +122,11 @@ class MaskedDiffusionObjective:
         x_kb_t = jnp.broadcast_to(x_bt[None], (k, b, t)).reshape(k * b, t)
         nelbo_kb = self.nelbo(model, x_kb_t, t_bk.T.reshape(k * b), rng_z).reshape(k, b)
         return nelbo_kb.mean(axis=0)
+
+    def recall(self, model, windows_bt, answers_bt):
+        """One denoising step with every answer masked: the argmax [B, T] of each position of
+        columns 1..T given the window with all positions in `answers_bt` [B, T] replaced by [MASK]
+        (the engine scores those positions)."""
+        x_bt = windows_bt[:, 1:]
+        z_bt = jnp.where(answers_bt, self.mask_id, x_bt)
+        return jnp.argmax(subs_log_probs(model(z_bt), z_bt), axis=-1)
