@@ -22,7 +22,8 @@ from archs.sizes import layer_kinds, resolve
 from archs.tokens import Vocab
 from diffusion.objective import MaskedDiffusionObjective
 from ssm.layers import GatedDeltaNet, Mamba2, mamba_dims, recurrent_flops_breakdown
-from test_ssm_layers import TINY, _build, _compile, _expected_xla, _xla_counts_loop_trips, _xla_flops
+from conftest import compile_fast as _compile, fit_one_batch, xla_flops as _xla_flops
+from test_ssm_layers import TINY, _build, _expected_xla, _xla_counts_loop_trips
 
 LAYERS = {"G": GatedDeltaNet, "M": Mamba2}
 
@@ -298,18 +299,10 @@ def test_diffusion_hybrid_memorises_one_batch():
     obj = MaskedDiffusionObjective(cfg)
     gdef, params = nnx.split(Model(cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(params)
-    tx = optax.adam(3e-3)
     w = jax.random.randint(jax.random.key(6), (2, 17), 0, 256)
 
     def train(params):
-        def step(carry, rng):
-            params, opt = carry
-            loss, g = jax.value_and_grad(lambda p: obj.loss(nnx.merge(gdef, p), w, rng)[0])(params)
-            up, opt = tx.update(g, opt, params)
-            return (optax.apply_updates(params, up), opt), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(0), 400))
-        return params, losses
+        return fit_one_batch(obj, gdef, params, w, 400)
 
     trained, losses = _call(train, params)
     losses = np.asarray(losses)

@@ -24,7 +24,8 @@ from diffusion.block import BlockDiffusionObjective, block_context
 from diffusion.block_sampler import ModelBlockDenoiser, block_sample, generate_blocks
 from diffusion.objective import MaskedDiffusionObjective
 from diffusion.schedules import get_schedule
-from test_ssm_layers import _build, _compile, _xla_flops
+from conftest import compile_fast as _compile, fit_one_batch, xla_flops as _xla_flops
+from test_ssm_layers import _build
 
 EOD, MASK, PAD, VOCAB = BYTES.eod, BYTES.mask, BYTES.pad, BYTES.size
 
@@ -344,17 +345,10 @@ def test_block_diffusion_memorises_one_batch():
     obj = BlockDiffusionObjective(cfg)
     gdef, params = nnx.split(Model(cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(params)
-    tx = optax.adam(3e-3)
     w = jax.random.randint(jax.random.key(6), (2, 17), 0, 256)
 
     def train(params):
-        def step(carry, rng):
-            params, opt = carry
-            loss, g = jax.value_and_grad(lambda p: obj.loss(nnx.merge(gdef, p), w, rng)[0])(params)
-            up, opt = tx.update(g, opt, params)
-            return (optax.apply_updates(params, up), opt), loss
-
-        return jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(0), 300))[1]
+        return fit_one_batch(obj, gdef, params, w, 300)[1]
 
     losses = np.asarray(_call(train, params))
     first, last = losses[:20].mean(), losses[-50:].mean()

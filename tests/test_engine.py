@@ -18,7 +18,7 @@ from archs.config import ModelConfig
 from archs.flops import forward_flops
 from archs.model import Model
 from archs.objective import AutoregressiveObjective
-from conftest import CONF, ROOT, compose, run_cli
+from conftest import CONF, ROOT, compose, run_cli, train_step_flops
 
 SMALL_RUN = ["arch.size=xxs", "train.seq_len=64", "train.batch_size=8", "train.eval_windows=16",
              "train.eval_batch=8", "train.progress=false", "train.tensorboard=false"]
@@ -39,29 +39,14 @@ def test_every_config_composes():
             compose(["+arch=ar", f"{group}={name}"])
 
 
-def _xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
-
-
 @pytest.mark.parametrize("causal,window", [(True, 0), (False, 0), (True, 16)])
 def test_analytic_train_flops_match_xla(causal, window):
     """3 x the analytic forward count (as executed: dense masked attention) vs XLA's count of
     the compiled loss-and-gradient computation."""
     cfg = ModelConfig(size="xs", d_model=128, n_layers=2, n_heads=4, causal=causal,
                       objective="ar" if causal else "diffusion", pattern="S" if window else "A", window=window)
-    model = Model(cfg, rngs=nnx.Rngs(0))
-    gdef, params = nnx.split(model)
-    b, t = 4, 128
-    tokens = jnp.zeros((b, t + 1), jnp.int32)
-
-    def loss(p, w):
-        m = nnx.merge(gdef, p)
-        return AutoregressiveObjective(m.cfg).loss(m, w, None)[0]
-
-    xla = _xla_flops(jax.value_and_grad(loss), params, tokens)
-    analytic = 3 * b * forward_flops(cfg, t, executed=True, embedding=False)["total"]
+    gdef, params = nnx.split(Model(cfg, rngs=nnx.Rngs(0)))
+    xla, analytic = train_step_flops(cfg, gdef, params, 4, 128)
     assert xla == pytest.approx(analytic, rel=0.10), (xla, analytic)
 
 

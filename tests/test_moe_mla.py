@@ -28,13 +28,8 @@ from archs.moe import MoE, RouterBias, balance_loss, capacity, router_metrics, r
 from archs.objective import AutoregressiveObjective
 from archs.sizes import mlp_hidden, resolve
 from archs.tokens import BYTES
-from conftest import run_cli
+from conftest import compile_fast as _compile, full_and_decoded, run_cli, train_step_flops, xla_flops as _xla_flops
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compile(fn, *args):
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -458,20 +453,10 @@ def test_mla_cached_decode_equals_forward_and_caches_only_the_latent():
     toks[0, 3] = toks[0, prefill] = toks[1, 9] = BYTES.eod
     toks = jnp.asarray(toks, jnp.int32)
 
-    def full_and_decoded(state, toks):
-        m = nnx.merge(gdef, state)
-        full = m(toks)
-        cache = m.init_cache(b, t)
-        first, cache = m.decode(toks[:, :prefill], cache, 0)
+    def run(state, toks):
+        return full_and_decoded(gdef, state, toks, prefill)
 
-        def step(cache, i):
-            logits, cache = m.decode(jax.lax.dynamic_slice_in_dim(toks, i, 1, axis=1), cache, i)
-            return cache, logits[:, 0]
-
-        cache, rest = jax.lax.scan(step, cache, jnp.arange(prefill, t))
-        return full, jnp.concatenate([first, jnp.moveaxis(rest, 0, 1)], axis=1), cache
-
-    full, decoded, cache = _compile(full_and_decoded, state, toks)(state, toks)
+    full, decoded, cache = _compile(run, state, toks)(state, toks)
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), atol=2e-5, rtol=1e-4)
     assert {k: v.shape for k, v in cache["layers"][0].items()} == {
         "c_kv": (b, t, 16), "k_rope": (b, t, 8), "seg": (b, t)}
@@ -531,12 +516,6 @@ def test_active_params_count_what_one_token_touches():
     assert count_active_params(dense) == count_params(dense)
 
 
-def _xla_flops(fn, *args) -> float:
-    cost = _compile(fn, *args).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
-
-
 MOE_FLOPS = dict(experts=4, top_k=2, shared_experts=1, expert_width=128)
 
 
@@ -571,15 +550,8 @@ def test_moe_mla_train_step_flops_match_xla():
     cfg = ModelConfig(size="xxs", d_model=128, n_layers=2, n_heads=4, pattern="LA", attn_gate=True, mlp="moe",
                       moe=MoEConfig(**MOE_FLOPS), mla=MLAConfig(kv_rank=64, rope_dim=16))
     gdef, params = _build(lambda r: Model(cfg, rngs=r))
-    b, t = 2, 128
-    tokens = jnp.zeros((b, t + 1), jnp.int32)
-
-    def loss(p, w):
-        m = nnx.merge(gdef, p)
-        return AutoregressiveObjective(m.cfg).loss(m, w, None)[0]
-
-    xla = _xla_flops(jax.value_and_grad(loss), params, tokens)
-    analytic = 3 * b * forward_flops(cfg, t, executed=True, embedding=False)["total"]
+    t = 128
+    xla, analytic = train_step_flops(cfg, gdef, params, 2, t)
     assert xla == pytest.approx(analytic, rel=0.10), (xla, analytic)
     # the executed dropless count is the active count plus (experts - 1) x the routed work
     rc = resolve(cfg)

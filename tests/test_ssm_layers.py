@@ -18,7 +18,7 @@ from archs.flops import forward_flops
 from archs.model import Model
 from archs.tokens import BYTES
 from archs.sizes import layer_kinds, pattern_shortfall, resolve
-from conftest import run_cli
+from conftest import compile_fast as _compile, full_and_decoded, run_cli, xla_flops as _xla_flops
 from ssm.layers import GatedDeltaNet, Mamba2, recurrent_flops_breakdown
 
 TINY = dict(size="xxs", d_model=32, n_heads=2, chunk_size=8, mamba_head_dim=16, mamba_d_state=8)
@@ -47,15 +47,6 @@ def _build(make, seed: int = 0):
         return jnp.asarray(x, a.dtype)
 
     return gdef, jax.tree_util.tree_map_with_path(fill, abstract)
-
-
-# LLVM at -O0: these tests check numerics and HLO-level FLOP counts, both unaffected by the
-# backend optimisation level, and compile 2-3x faster on CPU.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compile(fn, *args):
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
 def _tokens(b: int, t: int, eods) -> jnp.ndarray:
@@ -94,20 +85,10 @@ def test_decode_matches_forward(pattern, n_layers):
     # a row, and right after the prefill boundary in the other row.
     toks = _tokens(b, t, [(0, 4), (0, prefill), (0, 17), (0, 18), (1, prefill + 1), (1, 20)])
 
-    def full_and_decoded(state, toks):
-        m = nnx.merge(gdef, state)
-        full = m(toks)
-        cache = m.init_cache(b, t)
-        first, cache = m.decode(toks[:, :prefill], cache, 0)
+    def run(state, toks):
+        return full_and_decoded(gdef, state, toks, prefill)[:2]
 
-        def step(cache, i):
-            logits, cache = m.decode(jax.lax.dynamic_slice_in_dim(toks, i, 1, axis=1), cache, i)
-            return cache, logits[:, 0]
-
-        _, rest = jax.lax.scan(step, cache, jnp.arange(prefill, t))
-        return full, jnp.concatenate([first, jnp.moveaxis(rest, 0, 1)], axis=1)
-
-    full, decoded = _compile(full_and_decoded, state, toks)(state, toks)
+    full, decoded = _compile(run, state, toks)(state, toks)
     assert full.shape == decoded.shape == (b, t, cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), atol=2e-5, rtol=1e-4)
 
@@ -143,12 +124,6 @@ def test_packed_documents_are_isolated(cls, pattern):
 
 
 # --- (c) analytic FLOPs vs XLA's cost analysis ---------------------------------------------------
-
-
-def _xla_flops(fn, *args) -> float:
-    cost = _compile(fn, *args).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
 
 
 def _xla_counts_loop_trips() -> bool:
