@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from archs.config import ModelConfig
+from archs.config import ModelConfig, Remat
 from archs.errors import ConfigError
 from diffusion.samplers import CONFIDENCES, SAMPLERS
 
@@ -122,6 +122,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     tensorboard: bool = True
+    # Rematerialisation of every block in the backward pass (archs.model.REMAT_POLICIES): none |
+    # block (keep only block inputs) | dots (keep the projections' outputs). Memory against compute;
+    # the numbers are the same, so it is not part of the run's identity.
+    remat: Remat = Remat.none
+    # [A, B]: an XProf trace of training steps A..B (counted from 1, as in metrics.jsonl) in
+    # ROOT/runs/ID/profile (tensorboard --logdir there, Profile tab); empty: no trace.
+    profile_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _at_least("train", self, tokens=1, batch_size=1, seq_len=1, eval_every=0, evals=1, eval_windows=1,
@@ -129,6 +136,10 @@ class TrainConfig:
         if not (self.checkpoint_every_s >= 0):
             raise ConfigError(f"train.checkpoint_every_s={self.checkpoint_every_s} must be >= 0 "
                               "(seconds between checkpoints)")
+        p = self.profile_steps
+        if p and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+            raise ConfigError(f"train.profile_steps={list(p)} must be [A, B] with 1 <= A <= B (the first and last "
+                              "traced step), or [] for no trace")
 
 
 @dataclass
@@ -201,6 +212,9 @@ class BenchSettings:
     batch_size: int = 16
     steps: int = 8  # timed steps after warm-up
     matmul_n: int = 2048  # square fp32 matmul used to measure the CPU peak
+    # Rematerialisation policies to measure one after another (compiled memory and step time of
+    # each); empty: train.remat alone.
+    remat: list[Remat] = field(default_factory=list)
 
     def __post_init__(self):
         _at_least("bench", self, seq_len=1, batch_size=1, steps=1, matmul_n=16)
@@ -211,6 +225,12 @@ class BenchConfig(Config):
     """`python -m sweeps.bench`: one train-step throughput measurement."""
 
     bench: BenchSettings = field(default_factory=BenchSettings)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sweep.name != "none":  # a sweep group would also turn Hydra into a multirun
+            raise ConfigError(f"sweep={self.sweep.name}: the benchmark measures one configuration; drop sweep= "
+                              "(sweeps run with python -m sweeps.run)")
 
 
 def _sampling_checks(node: str, *, confidence: str, n: int, temperature: float, length: int) -> None:

@@ -33,6 +33,7 @@ from sweeps.engine.data import check_windows, eval_windows, load_corpus, train_b
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
 from sweeps.engine.plan import Plan, config_hash, plan_run, run_id_for
+from sweeps.engine.profiling import StepProfiler
 from sweeps.engine.records import EvalRecord, ResultsDB
 from sweeps.engine.trainer import Trainer
 
@@ -88,7 +89,7 @@ def train(cfg: Config, *, devices=None) -> dict:
     raised, so sweeps go on. Any other exception marks the row failed with its text and propagates.
     """
     devices = list(devices if devices is not None else jax.devices())
-    plan = plan_run(cfg, len(devices))
+    plan = plan_run(cfg, len(devices), devices[0].platform)
     shortfall = pattern_shortfall(plan.model_cfg)
     if shortfall:
         print(f"warning: {shortfall}", file=sys.stderr)
@@ -176,6 +177,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
     (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
 
     checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True)
+    profiler = StepProfiler(rdir / "profile", cfg.train.profile_steps)
     writer = bar = None
 
     def save(step: int) -> None:
@@ -212,8 +214,10 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
             with metrics_path.open("a") as log:
                 for step in range(start, plan.steps):
                     batch = train_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
+                    profiler.begin(step + 1)
                     state, m = trainer.step(state, batch, step)
                     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                    profiler.end(step + 1)
                     done_steps = step + 1
                     if not math.isfinite(loss) or not math.isfinite(gnorm):
                         what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -261,6 +265,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         except Diverged as e:
             error = str(e)
     finally:
+        profiler.close()
         if bar is not None:
             bar.close()
         if writer is not None:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from archs.config import Remat
 from archs.errors import ConfigError
 from archs.model import Model
 from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, update_router_bias
@@ -29,6 +30,11 @@ from sweeps.engine.data import n_bytes
 from sweeps.engine.plan import Plan, make_objective
 
 EVAL_KEY = 1234  # the same evaluation noise for every run and arch: comparable numbers
+# XLA:CPU expands the optimization barriers that jax.checkpoint places around recomputed blocks
+# before common-subexpression elimination, which then merges the recomputed matmuls back into the
+# forward pass ones: rematerialisation is undone and saves almost nothing. Keeping the barriers
+# (GPU and TPU keep them until scheduling anyway) makes it work on CPU too.
+CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def lr_schedule(optim: OptimConfig, total_steps: int, peak_lr: float):
@@ -85,7 +91,7 @@ class Trainer:
         self.mesh = make_mesh(cfg.mesh, devices)
         # Build the model abstractly, then initialise every variable in one compiled call placed
         # straight into its sharding (eager init compiles each initializer separately).
-        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))  # noqa: E731
+        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed), remat=cfg.train.remat)  # noqa: E731
         abstract = nnx.eval_shape(make)
         self.n_params, self.n_nonembed = plan.params, plan.nonembed_params
         # Every variable is a parameter or router state: nnx.split raises on anything else.
@@ -117,9 +123,13 @@ class Trainer:
             in_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, self.batch_sharding, None, None),
             out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, None),
             donate_argnums=(0, 1, 2),
+            compiler_options=CPU_REMAT_OPTIONS if cfg.train.remat != Remat.none and self._on_cpu() else None,
         )
         self._eval = jax.jit(self._eval_nats,
                              in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None))
+
+    def _on_cpu(self) -> bool:
+        return self.mesh.devices.flat[0].platform == "cpu"
 
     # --- state: (parameters, optimizer state, other model state) --------------------------------
 
@@ -170,6 +180,16 @@ class Trainer:
 
     def _eval_nats(self, params, other, windows, rng):
         return self.objective.eval_nats(self.model(params, other), windows, rng)
+
+    def compile_step(self, state):
+        """Compile the train step for `state`'s shapes ahead of time and use it from now on; the
+        executable tells its memory (XLA's memory_analysis) and cost before the first step runs."""
+        b = self.cfg.train
+        batch = jax.ShapeDtypeStruct((b.batch_size, b.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+        scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
+        compiled = self._step.lower(*state, batch, scalar(jnp.int32), scalar(jnp.float32)).compile()
+        self._step = compiled
+        return compiled
 
     def step(self, state, batch_np, step: int):
         """One training step: (params, opt, other) -> the new state and its metrics."""
