@@ -156,6 +156,32 @@ class MeshConfig:
 
 
 @dataclass
+class DistConfig:
+    """A run spanning several processes (hosts), one per launched copy of the command.
+
+    Launched as several SLURM tasks (hydra/launcher=slurm with nodes or tasks_per_node > 1), every
+    process finds its peers from SLURM's environment and nothing needs setting. Elsewhere each
+    process is started by hand with the same command plus its own process_id, and the address of
+    process 0. Not part of the run's identity: a run gives the same numbers on any layout."""
+
+    coordinator: str = ""  # HOST:PORT where process 0 listens; empty: a single process (or SLURM's tasks)
+    processes: int = 1  # processes of the run (with coordinator)
+    process_id: int = 0  # this process's index, 0 .. processes - 1 (with coordinator)
+
+    def __post_init__(self):
+        if self.processes < 1 or not 0 <= self.process_id < self.processes:
+            raise ConfigError(f"dist.process_id={self.process_id} with dist.processes={self.processes}: need "
+                              "processes >= 1 and 0 <= process_id < processes")
+        if self.processes > 1 and not self.coordinator:
+            raise ConfigError(f"dist.processes={self.processes} needs dist.coordinator=HOST:PORT (where process 0 "
+                              "listens), the same in every process")
+        if self.coordinator:
+            host, _, port = self.coordinator.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"dist.coordinator={self.coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
+
+
+@dataclass
 class SweepConfig:
     name: str = "none"  # none: a single training run
     budgets: list[float] = field(default_factory=list)  # training FLOPs per IsoFLOP curve
@@ -192,6 +218,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     root: str = "runs"

@@ -8,6 +8,10 @@ The model's variables split into parameters (nnx.Param: differentiated, optimize
 that is not (the routers' selection biases of loss-free MoE balancing: updated by the step,
 outside the gradient). Both are checkpointed together as the model's `params` item, so a
 checkpoint restores into the whole model as sampling builds it.
+
+Batches come in as this process's rows (`rows`; all of them with one process) and are assembled
+into global arrays over the whole mesh (sweeps.engine.distributed), so one Trainer serves a single
+process and every process of a multi-process run alike.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, up
 from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from sweeps.config import Config, OptimConfig, Schedule
 from sweeps.engine.data import n_bytes
+from sweeps.engine.distributed import global_batch, process_rows
 from sweeps.engine.plan import Plan, make_objective
 
 EVAL_KEY = 1234  # the same evaluation noise for every run and arch: comparable numbers
@@ -111,6 +116,7 @@ class Trainer:
         self.lr_schedule = lr_schedule(cfg.optim, plan.steps, plan.peak_lr)
         self.key = jax.random.key(cfg.seed)
         self.batch_sharding = batch_sharding(self.mesh)
+        self.rows = process_rows(self.batch_sharding, cfg.train.batch_size)  # this process's rows of a batch
         # Optimizer moments take their parameter's sharding by XLA's propagation through
         # zeros_like; scalars (step counts) come back on one device: replicate them.
         full = replicated(self.mesh)
@@ -121,12 +127,13 @@ class Trainer:
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, self.batch_sharding, None, None),
-            out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, None),
+            out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, full),
             donate_argnums=(0, 1, 2),
             compiler_options=CPU_REMAT_OPTIONS if cfg.train.remat != Remat.none and self._on_cpu() else None,
         )
         self._eval = jax.jit(self._eval_nats,
-                             in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None))
+                             in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None),
+                             out_shardings=full)
 
     def _on_cpu(self) -> bool:
         return self.mesh.devices.flat[0].platform == "cpu"
@@ -179,7 +186,7 @@ class Trainer:
         return params, opt_state, other, {"loss": loss, "grad_norm": grad_norm, **aux, **router_metrics(stats)}
 
     def _eval_nats(self, params, other, windows, rng):
-        return self.objective.eval_nats(self.model(params, other), windows, rng)
+        return jnp.sum(self.objective.eval_nats(self.model(params, other), windows, rng))
 
     def compile_step(self, state):
         """Compile the train step for `state`'s shapes ahead of time and use it from now on; the
@@ -192,8 +199,9 @@ class Trainer:
         return compiled
 
     def step(self, state, batch_np, step: int):
-        """One training step: (params, opt, other) -> the new state and its metrics."""
-        batch = jax.device_put(jnp.asarray(batch_np), self.batch_sharding)
+        """One training step: (params, opt, other) -> the new state and its metrics. `batch_np` is
+        this process's rows (`self.rows`) of the step's global batch."""
+        batch = global_batch(batch_np, self.batch_sharding, self.cfg.train.batch_size)
         lr = jnp.asarray(self.lr_schedule(step), jnp.float32)
         *state, metrics = self._step(*state, batch, jnp.asarray(step, jnp.int32), lr)
         return tuple(state), metrics
@@ -212,8 +220,9 @@ class Trainer:
             )
         windows_np = windows_np[:n]
         eval_key = jax.random.key(EVAL_KEY)
+        rows = process_rows(self.batch_sharding, bs)
         total = 0.0
         for i in range(0, n, bs):
-            w = jax.device_put(jnp.asarray(windows_np[i:i + bs]), self.batch_sharding)
-            total += float(jnp.sum(self._eval(params, other, w, jax.random.fold_in(eval_key, i))))
+            w = global_batch(windows_np[i:i + bs][rows], self.batch_sharding, bs)
+            total += float(self._eval(params, other, w, jax.random.fold_in(eval_key, i)))
         return total / math.log(2) / n_bytes(windows_np[:, 1:])

@@ -10,7 +10,8 @@ at half) and the model FLOP utilisation (MFU):
 
 It also prints the compiled step's memory from XLA's memory analysis (per device: arguments,
 outputs, temporaries, the peak), and with `bench.remat=[none,block,dots]` the memory and step
-time of each rematerialisation policy. Nothing is written.
+time of each rematerialisation policy. Nothing is written. Launched as several processes (dist.*,
+or SLURM tasks), it measures the global step and process 0 prints.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from archs.config import Remat
 from sweeps.config import BenchConfig
 from sweeps.engine.data import load_corpus, train_batch
+from sweeps.engine.distributed import initialize, is_primary
 from sweeps.engine.plan import plan_run
 from sweeps.engine.trainer import Trainer
 
@@ -79,6 +81,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -103,7 +109,8 @@ def _measure(cfg: BenchConfig, plan, corpus, remat: Remat, meter: MatmulPeak | N
     t = time.perf_counter()
     memory = step_memory(trainer.compile_step(state))
     compile_s = time.perf_counter() - t
-    batches = [train_batch(corpus, cfg.seed, s, b.batch_size, b.seq_len) for s in range(b.steps + 1)]
+    rows = trainer.rows  # this process's rows (all of them with one process)
+    batches = [train_batch(corpus, cfg.seed, s, b.batch_size, b.seq_len)[rows] for s in range(b.steps + 1)]
     state, m = trainer.step(state, batches[0], 0)  # warm
     jax.block_until_ready(m["loss"])
     if meter is not None:
@@ -122,6 +129,8 @@ def _measure(cfg: BenchConfig, plan, corpus, remat: Remat, meter: MatmulPeak | N
 
 
 def bench(cfg: BenchConfig) -> dict:
+    initialize(cfg.dist)  # several processes: before anything else uses JAX
+    say = print if is_primary() else _silent  # process 0 reports
     b = cfg.bench
     cfg = dataclasses.replace(
         cfg, arch=dataclasses.replace(cfg.arch, size=b.size),
@@ -135,39 +144,39 @@ def bench(cfg: BenchConfig) -> dict:
     meter = MatmulPeak(b.matmul_n) if on_cpu else None
     known = None if on_cpu else device_peak(dev.device_kind)
     mc = plan.model_cfg
-    print(f"arch={mc.name} params={plan.params / 1e6:.2f}M (non-embedding {plan.nonembed_params / 1e6:.2f}M) "
+    say(f"arch={mc.name} params={plan.params / 1e6:.2f}M (non-embedding {plan.nonembed_params / 1e6:.2f}M) "
           f"seq_len={b.seq_len} batch={b.batch_size} dtype={mc.dtype} devices={n_dev} x {dev.device_kind}")
     results = []
     for remat in dict.fromkeys(b.remat or [cfg.train.remat]):
         r = _measure(cfg, plan, corpus, Remat(remat), meter)
         r["achieved_flops"] = r["tokens_per_s"] * plan.flops_per_token
         mem = r["memory"]
-        print(f"remat={r['remat']}: step {r['step_s'] * 1e3:.1f} ms (median of {r['timed_steps']}; "
+        say(f"remat={r['remat']}: step {r['step_s'] * 1e3:.1f} ms (median of {r['timed_steps']}; "
               f"compile {r['compile_s']:.1f} s)")
-        print(f"  {r['tokens_per_s']:,.0f} tokens/s, {r['achieved_flops'] / 1e9:,.1f} GFLOP/s achieved "
+        say(f"  {r['tokens_per_s']:,.0f} tokens/s, {r['achieved_flops'] / 1e9:,.1f} GFLOP/s achieved "
               "(analytic, 6ND + attention)")
         if on_cpu:
             peak = meter.flops
             r.update(peak_flops=peak, peak_source="measured fp32 matmul", mfu=r["achieved_flops"] / peak)
-            print(f"  fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({b.matmul_n}^3, best of {meter.samples} interleaved "
+            say(f"  fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({b.matmul_n}^3, best of {meter.samples} interleaved "
                   f"with the steps) -> MFU {100 * r['mfu']:.1f}%")
         elif known is not None:
             name, per_chip = known
             peak = per_chip * n_dev
             r.update(peak_flops=peak, peak_source=f"{name} dense bf16", mfu=r["achieved_flops"] / peak)
-            print(f"  {name} dense bf16 peak {per_chip / 1e12:.0f} TFLOP/s x {n_dev} -> MFU {100 * r['mfu']:.1f}%")
+            say(f"  {name} dense bf16 peak {per_chip / 1e12:.0f} TFLOP/s x {n_dev} -> MFU {100 * r['mfu']:.1f}%")
         else:
             r.update(peak_flops=None, peak_source=None, mfu=None)
-            print(f"  peak of {dev.device_kind!r} unknown (not in sweeps.tools.bench.DEVICE_PEAKS): no MFU")
-        print(f"  compiled step memory per device: arguments {_mib(mem['arguments'])}, outputs {_mib(mem['outputs'])} "
+            say(f"  peak of {dev.device_kind!r} unknown (not in sweeps.tools.bench.DEVICE_PEAKS): no MFU")
+        say(f"  compiled step memory per device: arguments {_mib(mem['arguments'])}, outputs {_mib(mem['outputs'])} "
               f"({_mib(mem['aliased'])} of them donated arguments), temporaries {_mib(mem['temporaries'])}; "
               f"peak {_mib(mem['peak'])}")
         results.append(r)
     if len(results) > 1:
-        print(f"{'remat':<6} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'temporaries':>14} {'peak':>14}")
+        say(f"{'remat':<6} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'temporaries':>14} {'peak':>14}")
         for r in results:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"{r['remat']:<6} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10,.0f} {mfu:>6} "
+            say(f"{r['remat']:<6} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10,.0f} {mfu:>6} "
                   f"{_mib(r['memory']['temporaries']):>14} {_mib(r['memory']['peak']):>14}")
     first = results[0]
     return {"arch": mc.name, "params": plan.params, "nonembed_params": plan.nonembed_params, "seq_len": b.seq_len,
