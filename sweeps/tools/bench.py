@@ -145,21 +145,22 @@ def bench(cfg: BenchConfig) -> dict:
     known = None if on_cpu else device_peak(dev.device_kind)
     mc = plan.model_cfg
     say(f"arch={mc.name} params={plan.params / 1e6:.2f}M (non-embedding {plan.nonembed_params / 1e6:.2f}M) "
-          f"seq_len={b.seq_len} batch={b.batch_size} dtype={mc.dtype} devices={n_dev} x {dev.device_kind}")
+        f"seq_len={b.seq_len} batch={b.batch_size} dtype={mc.dtype} devices={n_dev} x {dev.device_kind}")
     results = []
     for remat in dict.fromkeys(b.remat or [cfg.train.remat]):
         r = _measure(cfg, plan, corpus, Remat(remat), meter)
         r["achieved_flops"] = r["tokens_per_s"] * plan.flops_per_token
         mem = r["memory"]
         say(f"remat={r['remat']}: step {r['step_s'] * 1e3:.1f} ms (median of {r['timed_steps']}; "
-              f"compile {r['compile_s']:.1f} s)")
+            f"compile {r['compile_s']:.1f} s)")
         say(f"  {r['tokens_per_s']:,.0f} tokens/s, {r['achieved_flops'] / 1e9:,.1f} GFLOP/s achieved "
-              "(analytic, 6ND + attention)")
-        if on_cpu:
-            peak = meter.flops
+            "(analytic, 6ND + attention)")
+        if on_cpu:  # simulated devices share one host's cores: the peak is per host (process)
+            hosts = jax.process_count()
+            peak = meter.flops * hosts
             r.update(peak_flops=peak, peak_source="measured fp32 matmul", mfu=r["achieved_flops"] / peak)
-            say(f"  fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({b.matmul_n}^3, best of {meter.samples} interleaved "
-                  f"with the steps) -> MFU {100 * r['mfu']:.1f}%")
+            say(f"  fp32 matmul peak {meter.flops / 1e9:.1f} GFLOP/s{f' x {hosts} processes' if hosts > 1 else ''} "
+                f"({b.matmul_n}^3, best of {meter.samples} interleaved with the steps) -> MFU {100 * r['mfu']:.1f}%")
         elif known is not None:
             name, per_chip = known
             peak = per_chip * n_dev
@@ -169,15 +170,15 @@ def bench(cfg: BenchConfig) -> dict:
             r.update(peak_flops=None, peak_source=None, mfu=None)
             say(f"  peak of {dev.device_kind!r} unknown (not in sweeps.tools.bench.DEVICE_PEAKS): no MFU")
         say(f"  compiled step memory per device: arguments {_mib(mem['arguments'])}, outputs {_mib(mem['outputs'])} "
-              f"({_mib(mem['aliased'])} of them donated arguments), temporaries {_mib(mem['temporaries'])}; "
-              f"peak {_mib(mem['peak'])}")
+            f"({_mib(mem['aliased'])} of them donated arguments), temporaries {_mib(mem['temporaries'])}; "
+            f"peak {_mib(mem['peak'])}")
         results.append(r)
     if len(results) > 1:
         say(f"{'remat':<6} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'temporaries':>14} {'peak':>14}")
         for r in results:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             say(f"{r['remat']:<6} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10,.0f} {mfu:>6} "
-                  f"{_mib(r['memory']['temporaries']):>14} {_mib(r['memory']['peak']):>14}")
+                f"{_mib(r['memory']['temporaries']):>14} {_mib(r['memory']['peak']):>14}")
     first = results[0]
     return {"arch": mc.name, "params": plan.params, "nonembed_params": plan.nonembed_params, "seq_len": b.seq_len,
             "batch_size": b.batch_size, "dtype": mc.dtype, "devices": n_dev, "device_kind": dev.device_kind,
