@@ -64,6 +64,15 @@ class GdnImpl(StrEnum):
     pallas = "pallas"  # Pallas kernels (Triton on GPU, Mosaic on TPU; interpret mode on CPU: slow)
 
 
+class Remat(StrEnum):
+    """What a block keeps for the backward pass (archs.model.REMAT_POLICIES); the rest is
+    recomputed. A memory-for-compute trade of the training step, never a change of its numbers."""
+
+    none = "none"  # keep every activation (fastest, most memory)
+    block = "block"  # keep only each block's input; recompute the block in the backward pass
+    dots = "dots"  # keep the outputs of matmuls without batch dimensions (the projections), recompute the rest
+
+
 @dataclass
 class DiffusionConfig:
     """Masked diffusion (MDLM / LLaDA) objective settings; used when objective is 'diffusion' or
@@ -103,7 +112,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     doc_mask: bool = True  # packed documents do not see each other (attention mask / state reset)
     tie_embeddings: bool = False
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Compute dtype; parameters, norms' statistics, softmax and loss stay float32. auto: bfloat16 on
+    # GPU / TPU, float32 on CPU (resolved by the engine's plan from the backend; until then, and in
+    # code that builds a Model from an unresolved config, auto computes in float32).
+    dtype: str = "auto"
     init_std: float = 0.02
     # Recurrent mixers.
     conv_kernel: int = 4

@@ -3,6 +3,12 @@
 Every arch (AR transformer, diffusion denoiser, Gated DeltaNet / Mamba-2 stacks and hybrids)
 is this class with a different pattern and objective; only the mixer inside a block changes
 (and, with arch.mlp=moe, its MLP: archs.moe).
+
+Rematerialisation (`remat`, a way to run the forward pass rather than part of the model: it is a
+constructor argument, not a config field, and changes no number) wraps every block in nnx.remat
+with a jax.checkpoint policy. nnx.remat carries the blocks' sown intermediates (the MoE router
+statistics collected by nnx.capture) out of the checkpointed function; a raw jax.checkpoint
+around nnx.split / merge would drop them.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs.config import ModelConfig
-from archs.context import Ctx, segment_ids_from_tokens
+from archs.config import ModelConfig, Remat
+from archs.context import BlockSpec, Ctx, segment_ids_from_tokens
 from archs.layers import RMSNorm, SwiGLU, compute_dtype, linear, partitioned
 from archs.mixers import mixer_kind
 from archs.moe import MoE
@@ -41,6 +47,21 @@ class Block(nnx.Module):
         return x_btd + self.mlp(self.norm2(x_btd)), cache
 
 
+# What each policy keeps for the backward pass. dots keeps the outputs of matmuls without batch
+# dimensions: the projections (archs.layers.Linear multiplies a flattened [tokens, d] view), not
+# the attention scores or anything element-wise.
+REMAT_POLICIES = {
+    Remat.block: jax.checkpoint_policies.nothing_saveable,
+    Remat.dots: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_forward(block: Block, x_btd, positions_bt, segment_ids_bt, blocks: tuple | None):
+    """One block on arrays only (what nnx.remat traces): the context is rebuilt inside."""
+    spec = None if blocks is None else BlockSpec(*blocks)
+    return block(x_btd, Ctx(positions=positions_bt, segment_ids=segment_ids_bt, blocks=spec))
+
+
 def timestep_embedding(t_b, dim: int):
     """Sinusoidal features of a diffusion time t in [0, 1]."""
     half = dim // 2
@@ -50,9 +71,10 @@ def timestep_embedding(t_b, dim: int):
 
 
 class Model(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: Remat | str = Remat.none):
         cfg = resolve(cfg)
         self.cfg = cfg
+        self.remat = Remat(remat)
         self.eod_id = Vocab.of_size(cfg.vocab_size).eod
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=compute_dtype(cfg),
@@ -92,8 +114,14 @@ class Model(nnx.Module):
         """Logits [B, n_logits, vocab] (fp32) of the first n_logits tokens (all when None) under an
         explicit context: positions, segments and e.g. block diffusion's block structure."""
         x = self._embed(tokens_bt, t_b)
-        for block in self.blocks:
-            x = block(x, ctx)
+        if self.remat == Remat.none:
+            for block in self.blocks:
+                x = block(x, ctx)
+        else:
+            forward = nnx.remat(_block_forward, policy=REMAT_POLICIES[self.remat])
+            blocks = None if ctx.blocks is None else (ctx.blocks.block_bt, ctx.blocks.clean_bt)
+            for block in self.blocks:
+                x = forward(block, x, ctx.positions, ctx.segment_ids, blocks)
         return self._logits(x if n_logits is None else x[:, :n_logits])
 
     # -- incremental decoding (AR and recurrent arches) --------------------------------------

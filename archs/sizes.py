@@ -90,8 +90,9 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
                           "train.seq_len (e.g. arch.block_size=16)")
     if cfg.objective == "ar" and not cfg.causal:
         raise ConfigError("an autoregressive model must be causal: set arch.causal=true")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"arch.dtype={cfg.dtype!r}; use float32 or bfloat16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"arch.dtype={cfg.dtype!r}; use auto (bfloat16 on GPU / TPU, float32 on CPU), float32 or "
+                          "bfloat16")
     mamba_head_dim = cfg.mamba_head_dim or head_dim
     if "M" in cfg.pattern and (cfg.mamba_expand * d) % mamba_head_dim:
         raise ConfigError(

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from archs.config import ModelConfig
+from archs.config import ModelConfig, Remat
 from archs.errors import ConfigError
 from diffusion.samplers import CONFIDENCES, SAMPLERS
 
@@ -146,6 +146,13 @@ class TrainConfig:
     # step (steps - optim.decay_steps); a trunk keeps its checkpoints at the branches' fork steps.
     branch_from: str = ""  # run id of the trunk, in the same root
     keep_steps: list[int] = field(default_factory=list)
+    # Rematerialisation of every block in the backward pass (archs.model.REMAT_POLICIES): none |
+    # block (keep only block inputs) | dots (keep the projections' outputs). Memory against compute;
+    # the numbers are the same, so it is not part of the run's identity.
+    remat: Remat = Remat.none
+    # [A, B]: an XProf trace of training steps A..B (counted from 1, as in metrics.jsonl) in
+    # ROOT/runs/ID/profile (tensorboard --logdir there, Profile tab); empty: no trace.
+    profile_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _at_least("train", self, tokens=1, batch_size=1, seq_len=1, eval_every=0, evals=1, eval_windows=1,
@@ -153,6 +160,10 @@ class TrainConfig:
         if not (self.checkpoint_every_s >= 0):
             raise ConfigError(f"train.checkpoint_every_s={self.checkpoint_every_s} must be >= 0 "
                               "(seconds between checkpoints)")
+        p = self.profile_steps
+        if p and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+            raise ConfigError(f"train.profile_steps={list(p)} must be [A, B] with 1 <= A <= B (the first and last "
+                              "traced step), or [] for no trace")
 
 
 @dataclass
@@ -166,6 +177,32 @@ class MeshConfig:
         if self.data != -1 and self.data < 1:
             raise ConfigError(f"mesh.data={self.data} must be >= 1 (or -1: the devices that remain)")
         _at_least("mesh", self, fsdp=1, tensor=1, expert=1)
+
+
+@dataclass
+class DistConfig:
+    """A run spanning several processes (hosts), one per launched copy of the command.
+
+    Launched as several SLURM tasks (hydra/launcher=slurm with nodes or tasks_per_node > 1), every
+    process finds its peers from SLURM's environment and nothing needs setting. Elsewhere each
+    process is started by hand with the same command plus its own process_id, and the address of
+    process 0. Not part of the run's identity: a run gives the same numbers on any layout."""
+
+    coordinator: str = ""  # HOST:PORT where process 0 listens; empty: a single process (or SLURM's tasks)
+    processes: int = 1  # processes of the run (with coordinator)
+    process_id: int = 0  # this process's index, 0 .. processes - 1 (with coordinator)
+
+    def __post_init__(self):
+        if self.processes < 1 or not 0 <= self.process_id < self.processes:
+            raise ConfigError(f"dist.process_id={self.process_id} with dist.processes={self.processes}: need "
+                              "processes >= 1 and 0 <= process_id < processes")
+        if self.processes > 1 and not self.coordinator:
+            raise ConfigError(f"dist.processes={self.processes} needs dist.coordinator=HOST:PORT (where process 0 "
+                              "listens), the same in every process")
+        if self.coordinator:
+            host, _, port = self.coordinator.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"dist.coordinator={self.coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
 
 
 @dataclass
@@ -212,6 +249,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     root: str = "runs"
@@ -238,6 +276,9 @@ class BenchSettings:
     batch_size: int = 16
     steps: int = 8  # timed steps after warm-up
     matmul_n: int = 2048  # square fp32 matmul used to measure the CPU peak
+    # Rematerialisation policies to measure one after another (compiled memory and step time of
+    # each); empty: train.remat alone.
+    remat: list[Remat] = field(default_factory=list)
 
     def __post_init__(self):
         _at_least("bench", self, seq_len=1, batch_size=1, steps=1, matmul_n=16)
@@ -248,6 +289,12 @@ class BenchConfig(Config):
     """`python -m sweeps.bench`: one train-step throughput measurement."""
 
     bench: BenchSettings = field(default_factory=BenchSettings)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sweep.name != "none":  # a sweep group would also turn Hydra into a multirun
+            raise ConfigError(f"sweep={self.sweep.name}: the benchmark measures one configuration; drop sweep= "
+                              "(sweeps run with python -m sweeps.run)")
 
 
 @dataclass

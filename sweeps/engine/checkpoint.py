@@ -12,6 +12,11 @@ The trainer that owns the run directory moves skipped checkpoints aside (`<dir>.
 so the resumed run can save those steps again; readers (sampling, cooldown branches reading
 their trunk) leave the directory untouched. Steps listed in `keep` (a trunk's fork steps) are
 never garbage-collected.
+
+A run over several processes saves and restores collectively: every process writes its shards
+(Orbax), and after a barrier process 0 alone writes the integrity record; process 0 alone
+verifies and picks the checkpoint to restore, and every process restores that step. Whether a
+finished save is committed now (`poll`) is agreed by all processes, as commit is collective.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from archs.errors import ConfigError
 
+from sweeps.engine.distributed import any_process, barrier, broadcast, is_primary
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -44,6 +51,7 @@ class Checkpointer:
         self.records = self.directory.parent / (self.directory.name + ".integrity")
         self.aside = self.directory.parent / (self.directory.name + ".unreadable")
         self.owner = owner
+        self.writer = owner and is_primary()  # writes integrity records, moves bad steps aside
         self._pending: list[int] = []  # saved by Orbax, not yet committed
         latest = checkpoint_managers.LatestN(n=max(2, keep))  # a fallback for a damaged newest one
         policy = checkpoint_managers.AnyPreservationPolicy(
@@ -72,20 +80,24 @@ class Checkpointer:
         return True
 
     def poll(self) -> None:
-        """Cheap; call often. Commits a save that has finished."""
-        if self._pending and not self.mngr.is_saving_in_progress():
+        """Cheap; call often (every process at the same steps). Commits a save that has finished."""
+        if self._pending and not any_process(self.mngr.is_saving_in_progress())[0]:
             self.commit()
 
     def commit(self) -> None:
-        """Wait for Orbax, then write the integrity record of every finished save."""
+        """Wait for Orbax (every process), then write the integrity record of every finished save."""
         if not self._pending:
             return
         self.mngr.wait_until_finished()
+        barrier("checkpoint written")  # every process's shards are on disk
+        self.mngr.reload()
         steps = set(self.mngr.all_steps())
-        for step in self._pending:
+        pending, self._pending = self._pending, []
+        if not self.writer:
+            return
+        for step in pending:
             if step in steps:
                 self._write_record(step)
-        self._pending = []
         for rec in self.records.glob("*.json") if self.records.is_dir() else ():
             if rec.stem.isdigit() and int(rec.stem) not in steps:  # Orbax has deleted that step
                 rec.unlink(missing_ok=True)
@@ -126,7 +138,7 @@ class Checkpointer:
 
     def _set_aside(self, step: int, why: str) -> None:
         print(f"warning: checkpoint at step {step} is unreadable ({why}); trying the previous one", file=sys.stderr)
-        if not self.owner:
+        if not self.writer:
             return
         src = self.directory / str(step)
         if src.exists():
@@ -135,9 +147,9 @@ class Checkpointer:
         (self.records / f"{step}.json").unlink(missing_ok=True)
         self.mngr.reload()
 
-    def _newest_good(self, restore_one):
-        """(step, restore_one(step)) for the newest committed step that verifies, or None.
-        Steps Orbax finished but we never committed (a kill between the two) are not tried."""
+    def _newest_good_step(self) -> int:
+        """The newest committed step that verifies, or -1. Steps Orbax finished but we never
+        committed (a kill between the two) are not tried."""
         if self.owner:
             committed = set(self.committed_steps())
             for step in sorted(set(self.mngr.all_steps()) - committed, reverse=True):
@@ -147,8 +159,16 @@ class Checkpointer:
             if why:
                 self._set_aside(step, why)
                 continue
-            return step, restore_one(step)
-        return None
+            return step
+        return -1
+
+    def _newest_good(self, restore_one):
+        """(step, restore_one(step)) for the newest good step, or None. Process 0 picks the step
+        (and moves bad ones aside); every process restores that one."""
+        step = broadcast(self._newest_good_step() if is_primary() else -1)
+        barrier("checkpoint chosen")
+        self.mngr.reload()
+        return None if step < 0 else (step, restore_one(step))
 
     def restore_latest(self, abstract_params, abstract_opt):
         """(step, params, opt_state) from the newest good checkpoint, or None."""

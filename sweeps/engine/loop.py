@@ -10,6 +10,11 @@ the next step boundary and stops with `Preempted` / `Interrupted` (exit 143 / 13
 the same command resumes to exactly the metrics of an uninterrupted run. A second Ctrl-C exits
 at once (the row is then recognised as interrupted by its free lock, and resumes from the last
 checkpoint).
+
+A run may span several processes (sweeps.engine.distributed): each feeds its own rows of every
+batch; process 0 alone claims the row, holds the lock and writes the row, metrics, TensorBoard,
+profile and report; checkpoints are saved by all together; decisions that start a collective
+(stop, save) are agreed by all processes at every step.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from archs.mixers import model_state_bytes
 from archs.sizes import pattern_shortfall
 from sweeps.config import Config, Role
 from sweeps.engine.checkpoint import Checkpointer
-from sweeps.engine.data import check_windows, eval_windows, load_corpus, train_batch
+from sweeps.engine.data import check_windows, eval_windows, load_corpus
+from sweeps.engine.distributed import any_process, barrier, broadcast, initialize, is_primary, process_batch
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
 from sweeps.engine.plan import DIFFUSION, Plan, config_hash, plan_run, run_id_for
+from sweeps.engine.profiling import StepProfiler
 from sweeps.engine.records import EvalRecord, ResultsDB
 from sweeps.engine.trainer import Trainer, schedule_steps
 
@@ -88,8 +95,9 @@ def train(cfg: Config, *, devices=None) -> dict:
     resumable error until re-run). Divergence is recorded as a failed row and returned, not
     raised, so sweeps go on. Any other exception marks the row failed with its text and propagates.
     """
+    initialize(cfg.dist)  # several processes: jax.distributed starts before anything else uses JAX
     devices = list(devices if devices is not None else jax.devices())
-    plan = plan_run(cfg, len(devices))
+    plan = plan_run(cfg, len(devices), devices[0].platform)
     shortfall = pattern_shortfall(plan.model_cfg)
     if shortfall:
         print(f"warning: {shortfall}", file=sys.stderr)
@@ -106,14 +114,18 @@ def train(cfg: Config, *, devices=None) -> dict:
     if cfg.role == Role.branch:
         _check_trunk(cfg, plan)
     check_root(cfg.root)
+    digest = config_hash(cfg)
+    with StopSignals() as signals:
+        return _claim_and_train(cfg, plan, corpus, windows, run_id, digest, devices, signals)
+
+
+def _open_db(cfg: Config, run_id: str, digest: str) -> ResultsDB:
     db = ResultsDB(cfg.root)
     existing = db.get(run_id)
-    digest = config_hash(cfg)
     if cfg.run_id and existing is not None and existing.get("config_hash") not in (None, digest):
         raise ConfigError(f"run_id={run_id} belongs to a run of another config in {db.path}; drop run_id= (ids are "
                           "derived from the config) or choose a new one")
-    with StopSignals() as signals:
-        return _claim_and_train(cfg, plan, db, corpus, windows, run_id, digest, devices, signals)
+    return db
 
 
 def fork_step(cfg: Config, plan: Plan) -> int:
@@ -154,19 +166,35 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
     }
 
 
-def _claim_and_train(cfg: Config, plan: Plan, db: ResultsDB, corpus, windows, run_id: str, digest: str, devices,
+_CLAIMS = ("claimed", "done", "busy")
+
+
+def _claim_and_train(cfg: Config, plan: Plan, corpus, windows, run_id: str, digest: str, devices,
                      signals: StopSignals) -> dict:
-    for dead in db.mark_dead():
-        if dead != run_id:
-            print(f"warning: run {dead} was left running by a process that is gone; marked failed "
-                  "(re-run its command to resume it)", file=sys.stderr)
-    claim, lock = db.claim(run_id, _row_fields(cfg, plan, corpus, digest))
+    # Process 0 claims the row and holds the lock; the others learn its decision.
+    db, lock, claim, prior_wall = None, None, "claimed", 0.0
+    if is_primary():
+        try:
+            db = _open_db(cfg, run_id, digest)
+            for dead in db.mark_dead():
+                if dead != run_id:
+                    print(f"warning: run {dead} was left running by a process that is gone; marked failed "
+                          "(re-run its command to resume it)", file=sys.stderr)
+            claim, lock = db.claim(run_id, _row_fields(cfg, plan, corpus, digest))
+        except BaseException:
+            broadcast(-1)  # the other processes stop too
+            raise
+        prior_wall = float((db.get(run_id) or {}).get("wall_s") or 0.0)  # earlier, interrupted attempts
+    code = broadcast(_CLAIMS.index(claim))
+    if code < 0:
+        raise ConfigError(f"process 0 of run {run_id} stopped before training; its output says why")
+    claim = _CLAIMS[code]
     if claim == "done":
         print(f"{run_id}: already done, skipping", file=sys.stderr)
-        return db.get(run_id)
+        return db.get(run_id) if db is not None else {"run_id": run_id, "status": "done", "eval_bpb": None,
+                                                       "flops": plan.flops, "error": None}
     if claim == "busy":
         raise ConfigError(f"run {run_id} is being trained by another live process; wait for it or stop it")
-    prior_wall = float((db.get(run_id) or {}).get("wall_s") or 0.0)  # earlier, interrupted attempts
     t0 = time.time()
     try:
         # Built after the claim: a run another process is training is not built twice, and a
@@ -181,27 +209,34 @@ def _claim_and_train(cfg: Config, plan: Plan, db: ResultsDB, corpus, windows, ru
         _record_failure(db, run_id, _error_text(e), prior_wall + time.time() - t0)
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _record_failure(db: ResultsDB, run_id: str, error: str, wall: float) -> None:
+def _record_failure(db: ResultsDB | None, run_id: str, error: str, wall: float) -> None:
+    if db is None:  # not process 0
+        return
     try:
         db.update(run_id, status="failed", error=error, eval_bpb=None, pid=None, wall_s=wall)
     except Exception as e:  # noqa: BLE001 - the original exception matters more; mark_dead catches the row later
         print(f"warning: could not mark run {run_id} failed in the results database ({e})", file=sys.stderr)
 
 
-def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, trainer: Trainer, db: ResultsDB,
+def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, trainer: Trainer, db: ResultsDB | None,
                    signals: StopSignals, prior_wall: float, t0: float) -> dict:
     mc = plan.model_cfg
+    primary = db is not None  # process 0 writes; the others only compute and checkpoint
     rdir = run_dir(cfg.root, run_id)
-    rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
+    if primary:
+        rdir.mkdir(parents=True, exist_ok=True)
+        (rdir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
+    barrier("run directory")
 
     checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True,
                                 keep_steps=cfg.train.keep_steps)
     keep_steps = set(cfg.train.keep_steps)
+    profiler = StepProfiler(rdir / "profile", cfg.train.profile_steps, enabled=primary)
     writer = bar = None
 
     def save(step: int) -> None:
@@ -223,21 +258,22 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
             finally:
                 trunk.close()
             print(f"{run_id}: branched from trunk {cfg.train.branch_from} at step {start}", file=sys.stderr)
-        metrics_path = rdir / "metrics.jsonl"
-        _truncate_jsonl(metrics_path, start)
-        db.drop_evals_after(run_id, start)
-        if signals.hit:
+        metrics_path = rdir / "metrics.jsonl" if primary else Path(os.devnull)
+        if primary:
+            _truncate_jsonl(metrics_path, start)
+            db.drop_evals_after(run_id, start)
+        if any_process(signals.hit)[0]:
             raise signals.stop(run_id, start, saved=False)
 
         eval_every = cfg.train.eval_every or max(1, plan.steps // max(1, cfg.train.evals))
-        if cfg.train.tensorboard:
+        if cfg.train.tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(str(rdir / "tb"), purge_step=start + 1 if start else None)
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.train.progress,
-                   desc=run_id[:40], file=sys.stderr, mininterval=1.0)
+        bar = tqdm(total=plan.steps, initial=start, unit="step", dynamic_ncols=True,
+                   desc=run_id[:40], file=sys.stderr, mininterval=1.0, disable=not (cfg.train.progress and primary))
         last_ckpt = time.time()
         timed_tokens, timed_since = 0, time.time()
         eval_bpb, error = None, None
@@ -245,9 +281,12 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         try:
             with metrics_path.open("a") as log:
                 for step in range(start, plan.steps):
-                    batch = train_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
+                    batch = process_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len,
+                                          trainer.rows)
+                    profiler.begin(step + 1)
                     state, m = trainer.step(state, batch, step)
                     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                    profiler.end(step + 1)
                     done_steps = step + 1
                     if not math.isfinite(loss) or not math.isfinite(gnorm):
                         what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -261,9 +300,10 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                     if is_eval:
                         eval_bpb = trainer.evaluate(state, windows)
                         rec["eval_bpb"] = eval_bpb
-                        db.add_eval(EvalRecord(run_id, done_steps, rec["tokens"],
-                                               done_steps * plan.tokens_per_step * plan.flops_per_token, eval_bpb,
-                                               loss))
+                        if primary:
+                            db.add_eval(EvalRecord(run_id, done_steps, rec["tokens"],
+                                                   done_steps * plan.tokens_per_step * plan.flops_per_token,
+                                                   eval_bpb, loss))
                     if is_eval or done_steps % cfg.train.log_every == 0:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
@@ -278,12 +318,13 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                     bar.update(1)
                     if done_steps == plan.steps:
                         break  # the final checkpoint follows (also when a signal came with the last step)
-                    if signals.hit:
+                    due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or done_steps in keep_steps or (
+                        every_steps and done_steps % every_steps == 0)
+                    hit, due = any_process(signals.hit, due)  # every process stops / saves at the same step
+                    if hit:
                         save(done_steps)
                         checkpointer.commit()
                         raise signals.stop(run_id, done_steps, saved=True)
-                    due = (now - last_ckpt >= cfg.train.checkpoint_every_s) or done_steps in keep_steps or (
-                        every_steps and done_steps % every_steps == 0)
                     if due:
                         save(done_steps)
                         last_ckpt = now
@@ -295,6 +336,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         except Diverged as e:
             error = str(e)
     finally:
+        profiler.close()
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -306,6 +348,8 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         "tokens_per_s": timed_tokens / max(1e-9, time.time() - timed_since) if timed_tokens else None,
         "pid": None,
     }
+    if not primary:
+        return {"run_id": run_id, "flops": plan.flops, **final}
     db.update(run_id, **final)
     result = db.get(run_id)
     (rdir / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))

@@ -2,7 +2,9 @@
 
 `plan_run` checks the whole config (model shape, objective, budget, mesh, memory) and builds the
 model abstractly (shapes only), so a config that cannot train fails in seconds with one line,
-before a results row, a directory or a compilation exists.
+before a results row, a directory or a compilation exists. It also settles what depends on the
+backend: `arch.dtype=auto` becomes bfloat16 on GPU / TPU and float32 on CPU (the run's identity
+keeps `auto`, so the same command names the same run wherever it is planned).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from archs.config import ModelConfig
+from archs.config import ModelConfig, Remat
 from archs.errors import ConfigError
 from archs.flops import flops_per_token
 from archs.model import Model, count_active_params, count_params
@@ -121,13 +123,17 @@ def _memory_check(cfg: Config, mc: ModelConfig, mesh: tuple[int, int, int], para
 
     A lower bound, on purpose (a refusal must be right): fp32 parameters, gradients and two Adam
     moments (16 bytes per parameter), sharded over fsdp x tensor; activations kept for the
-    backward pass of about 20 d_model values per token per layer plus the fp32 logits, sharded
-    over the batch axes."""
+    backward pass of about 20 d_model values per token per layer (in the compute dtype) plus the
+    fp32 logits, sharded over the batch axes. Rematerialised blocks keep less: their input (block) or their
+    projections' outputs (dots, at least 8 d_model), plus one block's activations while it is
+    recomputed."""
     t = cfg.train
     _, fsdp, tensor, _ = mesh
     state = 16 * params / (fsdp * tensor)
     tokens = t.batch_size * t.seq_len / batch_shards(mesh)
-    acts = tokens * 4 * (20 * mc.d_model * mc.n_layers + 2 * mc.vocab_size)
+    kept = {Remat.none: 20 * mc.n_layers, Remat.dots: 8 * mc.n_layers + 20, Remat.block: mc.n_layers + 20}
+    act_bytes = 2 if mc.dtype == "bfloat16" else 4
+    acts = tokens * (act_bytes * min(kept[Remat(t.remat)], kept[Remat.none]) * mc.d_model + 4 * 2 * mc.vocab_size)
     need = state + acts
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
@@ -144,8 +150,20 @@ def _memory_check(cfg: Config, mc: ModelConfig, mesh: tuple[int, int, int], para
             "batch, or shard over more devices (mesh.fsdp)")
 
 
-def plan_run(cfg: Config, n_devices: int) -> Plan:
+def compute_dtype_for(dtype: str, platform: str) -> str:
+    """The concrete compute dtype of `arch.dtype` on a backend platform (cpu, gpu, cuda, rocm, tpu):
+    auto is bfloat16 on accelerators (parameters, softmax and loss stay float32) and float32 on
+    CPU, where bfloat16 matmuls are emulated and slower."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def plan_run(cfg: Config, n_devices: int, platform: str | None = None) -> Plan:
+    """The plan of `cfg` on `n_devices` devices of `platform` (default: JAX's default backend)."""
     model_cfg = resolve(cfg.arch)
+    model_cfg = dataclasses.replace(
+        model_cfg, dtype=compute_dtype_for(model_cfg.dtype, platform or jax.default_backend()))
     make_objective(model_cfg)  # objective-specific settings (arch.diffusion.*)
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
@@ -168,6 +186,9 @@ def plan_run(cfg: Config, n_devices: int) -> Plan:
     n_params, n_nonembed = count_params(abstract)
     _memory_check(cfg, model_cfg, shape, n_params, n_devices)
     steps = math.ceil(t.tokens / tokens_per_step)
+    if t.profile_steps and t.profile_steps[1] > steps:
+        raise ConfigError(f"train.profile_steps={list(t.profile_steps)} goes past the run's last step ({steps}); "
+                          f"trace steps within 1..{steps}")
     fpt = flops_per_token(model_cfg, t.seq_len)
     tokens = steps * tokens_per_step
     return Plan(model_cfg, steps, tokens, tokens_per_step, fpt, fpt * tokens, learning_rate(cfg, model_cfg.d_model),

@@ -8,6 +8,10 @@ The model's variables split into parameters (nnx.Param: differentiated, optimize
 that is not (the routers' selection biases of loss-free MoE balancing: updated by the step,
 outside the gradient). Both are checkpointed together as the model's `params` item, so a
 checkpoint restores into the whole model as sampling builds it.
+
+Batches come in as this process's rows (`rows`; all of them with one process) and are assembled
+into global arrays over the whole mesh (sweeps.engine.distributed), so one Trainer serves a single
+process and every process of a multi-process run alike.
 """
 
 from __future__ import annotations
@@ -20,15 +24,22 @@ import numpy as np
 import optax
 from flax import nnx
 
+from archs.config import Remat
 from archs.errors import ConfigError
 from archs.model import Model
 from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, update_router_bias
 from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from sweeps.config import Config, DecayShape, OptimConfig, Schedule
 from sweeps.engine.data import n_bytes
+from sweeps.engine.distributed import global_batch, process_rows
 from sweeps.engine.plan import Plan, make_objective
 
 EVAL_KEY = 1234  # the same evaluation noise for every run and arch: comparable numbers
+# XLA:CPU expands the optimization barriers that jax.checkpoint places around recomputed blocks
+# before common-subexpression elimination, which then merges the recomputed matmuls back into the
+# forward pass ones: rematerialisation is undone and saves almost nothing. Keeping the barriers
+# (GPU and TPU keep them until scheduling anyway) makes it work on CPU too.
+CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def schedule_steps(optim: OptimConfig, total_steps: int) -> tuple[int, int]:
@@ -98,7 +109,7 @@ class Trainer:
         self.mesh = make_mesh(cfg.mesh, devices)
         # Build the model abstractly, then initialise every variable in one compiled call placed
         # straight into its sharding (eager init compiles each initializer separately).
-        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed))  # noqa: E731
+        make = lambda: Model(plan.model_cfg, rngs=nnx.Rngs(params=cfg.seed), remat=cfg.train.remat)  # noqa: E731
         abstract = nnx.eval_shape(make)
         self.n_params, self.n_nonembed = plan.params, plan.nonembed_params
         # Every variable is a parameter or router state: nnx.split raises on anything else.
@@ -118,6 +129,7 @@ class Trainer:
         self.lr_schedule = lr_schedule(cfg.optim, plan.steps, plan.peak_lr)
         self.key = jax.random.key(cfg.seed)
         self.batch_sharding = batch_sharding(self.mesh)
+        self.rows = process_rows(self.batch_sharding, cfg.train.batch_size)  # this process's rows of a batch
         # Optimizer moments take their parameter's sharding by XLA's propagation through
         # zeros_like; scalars (step counts) come back on one device: replicate them.
         full = replicated(self.mesh)
@@ -128,11 +140,16 @@ class Trainer:
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, self.batch_sharding, None, None),
-            out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, None),
+            out_shardings=(self.param_sharding, self.opt_sharding, self.other_sharding, full),
             donate_argnums=(0, 1, 2),
+            compiler_options=CPU_REMAT_OPTIONS if cfg.train.remat != Remat.none and self._on_cpu() else None,
         )
         self._eval = jax.jit(self._eval_nats,
-                             in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None))
+                             in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None),
+                             out_shardings=full)
+
+    def _on_cpu(self) -> bool:
+        return self.mesh.devices.flat[0].platform == "cpu"
 
     # --- state: (parameters, optimizer state, other model state) --------------------------------
 
@@ -182,11 +199,22 @@ class Trainer:
         return params, opt_state, other, {"loss": loss, "grad_norm": grad_norm, **aux, **router_metrics(stats)}
 
     def _eval_nats(self, params, other, windows, rng):
-        return self.objective.eval_nats(self.model(params, other), windows, rng)
+        return jnp.sum(self.objective.eval_nats(self.model(params, other), windows, rng))
+
+    def compile_step(self, state):
+        """Compile the train step for `state`'s shapes ahead of time and use it from now on; the
+        executable tells its memory (XLA's memory_analysis) and cost before the first step runs."""
+        b = self.cfg.train
+        batch = jax.ShapeDtypeStruct((b.batch_size, b.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+        scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
+        compiled = self._step.lower(*state, batch, scalar(jnp.int32), scalar(jnp.float32)).compile()
+        self._step = compiled
+        return compiled
 
     def step(self, state, batch_np, step: int):
-        """One training step: (params, opt, other) -> the new state and its metrics."""
-        batch = jax.device_put(jnp.asarray(batch_np), self.batch_sharding)
+        """One training step: (params, opt, other) -> the new state and its metrics. `batch_np` is
+        this process's rows (`self.rows`) of the step's global batch."""
+        batch = global_batch(batch_np, self.batch_sharding, self.cfg.train.batch_size)
         lr = jnp.asarray(self.lr_schedule(step), jnp.float32)
         *state, metrics = self._step(*state, batch, jnp.asarray(step, jnp.int32), lr)
         return tuple(state), metrics
@@ -205,8 +233,9 @@ class Trainer:
             )
         windows_np = windows_np[:n]
         eval_key = jax.random.key(EVAL_KEY)
+        rows = process_rows(self.batch_sharding, bs)
         total = 0.0
         for i in range(0, n, bs):
-            w = jax.device_put(jnp.asarray(windows_np[i:i + bs]), self.batch_sharding)
-            total += float(jnp.sum(self._eval(params, other, w, jax.random.fold_in(eval_key, i))))
+            w = global_batch(windows_np[i:i + bs][rows], self.batch_sharding, bs)
+            total += float(self._eval(params, other, w, jax.random.fold_in(eval_key, i)))
         return total / math.log(2) / n_bytes(windows_np[:, 1:])

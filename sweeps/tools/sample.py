@@ -12,6 +12,7 @@ prompt's bytes when one is given. Settings: sweeps.config.SampleConfig.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from diffusion.schedules import get_schedule
 from sweeps.config import SampleConfig
 from sweeps.engine.checkpoint import Checkpointer
 from sweeps.engine.data import EOD
+from sweeps.engine.plan import compute_dtype_for
 from sweeps.engine.records import ResultsDB
 
 
@@ -68,9 +70,11 @@ def find_run(root: str, run: str) -> str:
 
 
 def model_config_of(run_cfg) -> ModelConfig:
-    """The run's ModelConfig, through the current schema (fields added since get their defaults)."""
+    """The run's ModelConfig, through the current schema (fields added since get their defaults),
+    computing in the dtype its arch.dtype means on this backend (auto: as training did here)."""
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), run_cfg.arch)
-    return resolve(OmegaConf.to_object(merged))
+    mc = resolve(OmegaConf.to_object(merged))
+    return dataclasses.replace(mc, dtype=compute_dtype_for(mc.dtype, jax.default_backend()))
 
 
 def load_run(root: str, run: str) -> LoadedRun:
