@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from archs.config import ModelConfig, Remat
 from archs.errors import ConfigError
+from archs.tokens import N_SPECIAL
 from diffusion.samplers import CONFIDENCES, SAMPLERS
 
 
@@ -34,6 +35,13 @@ def arch_names() -> list[str]:
 class DataName(StrEnum):
     stdlib = "stdlib"  # the running interpreter's standard library sources (zero setup)
     text = "text"  # the user's text files or directories, read into memory
+    tokens = "tokens"  # token shards written by python -m sweeps.prepare, memory-mapped
+    mqar = "mqar"  # generated multi-query associative recall sequences (a recall probe; data.mqar)
+
+
+class TokenizerName(StrEnum):
+    byte = "byte"  # ids 0..255 are the bytes (archs.tokens.BYTES)
+    bpe = "bpe"  # byte-level BPE (Hugging Face tokenizers), trained on the input or loaded
 
 
 class Schedule(StrEnum):
@@ -73,13 +81,50 @@ def _fraction(node: str, key: str, value: float, *, open_low: bool = False, open
 
 
 @dataclass
+class MqarConfig:
+    """data=mqar: key-value pairs, then queries of their keys each followed by its value."""
+
+    keys: int = 64  # key vocabulary (the keys of one sequence are distinct)
+    values: int = 64  # value vocabulary
+    pairs: int = 8  # key-value pairs per sequence
+    queries: int = 0  # queries per sequence; 0: as many as fit the window (the rest is EOD)
+
+    def __post_init__(self):
+        _at_least("data.mqar", self, keys=1, values=1, pairs=1, queries=0)
+        if self.pairs > self.keys:
+            raise ConfigError(f"data.mqar.pairs={self.pairs} exceeds data.mqar.keys={self.keys}: the keys of a "
+                              "sequence are distinct; raise keys or lower pairs")
+
+    def check(self, seq_len: int) -> None:
+        need = 2 * self.pairs + 2 * max(1, self.queries)
+        if seq_len < need:
+            raise ConfigError(f"train.seq_len={seq_len} cannot hold data.mqar.pairs={self.pairs} pairs and "
+                              f"{max(1, self.queries)} quer{'ies' if self.queries > 1 else 'y'} with answers: it "
+                              f"needs at least {need} tokens; raise train.seq_len or lower them")
+
+
+@dataclass
 class DataConfig:
     name: DataName = DataName.stdlib
     paths: list[str] = field(default_factory=list)  # files or directories, for name=text
     heldout_fraction: float = 0.02  # share of documents (by a hash of their path) held out
+    dir: str = ""  # name=tokens: a directory written by python -m sweeps.prepare
+    tokenizer: str = ""  # name=tokens: the tokenizer the run expects (byte | bpe); empty: the manifest's
+    mqar: MqarConfig = field(default_factory=MqarConfig)  # name=mqar: the recall task
 
     def __post_init__(self):
         _fraction("data", "heldout_fraction", self.heldout_fraction, open_low=True, open_high=True)
+        if self.tokenizer and self.tokenizer not in TokenizerName.__members__:
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r}; use one of {', '.join(TokenizerName)} "
+                              "(or leave it empty to take the manifest's)")
+        if (self.dir or self.tokenizer) and self.name != DataName.tokens:
+            raise ConfigError(f"data.dir and data.tokenizer apply to data=tokens, not data={self.name}; "
+                              "train from prepared shards with data=tokens data.dir=DIR")
+        if self.mqar != MqarConfig() and self.name != DataName.mqar:
+            raise ConfigError(f"data.mqar applies to data=mqar, not data={self.name}; use data=mqar data.mqar...")
+        if self.paths and self.name != DataName.text:
+            raise ConfigError(f"data.paths applies to data=text, not data={self.name}; "
+                              "use data=text data.paths=[...] (or data=tokens data.dir=DIR for prepared shards)")
 
 
 @dataclass
@@ -437,6 +482,75 @@ class LayerBenchConfig:
             raise ConfigError(f"kinds={self.kinds}: use a non-empty list of G, M and A")
 
 
+@dataclass
+class TokenizerConfig:
+    name: TokenizerName = TokenizerName.byte
+    vocab_size: int = 0  # bpe: ids of the trained vocabulary, the three special tokens included (conf: 8192)
+    path: str = ""  # bpe: load this tokenizer.json (byte-level BPE) instead of training one
+    train_bytes: int = 16_000_000  # bpe: text sampled deterministically from the training split to train on
+    min_frequency: int = 2  # bpe: pairs seen fewer times are never merged
+
+    def __post_init__(self):
+        if self.name == TokenizerName.byte:
+            if self.vocab_size or self.path:
+                raise ConfigError("tokenizer.vocab_size and tokenizer.path apply to tokenizer=bpe; the byte "
+                                  "tokenizer's vocabulary is fixed (256 bytes + EOD, MASK, PAD)")
+            return
+        if not self.path and not 256 + N_SPECIAL < self.vocab_size <= 2**32:
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size}: a byte-level BPE needs more than "
+                              f"{256 + N_SPECIAL} ids (256 bytes + the special tokens + merges), e.g. 8192")
+        _at_least("tokenizer", self, train_bytes=1, min_frequency=1)
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m sweeps.prepare`: tokenise text once into shards that `data=tokens` trains from."""
+
+    input: Any = field(default_factory=list)  # PATH or [PATH, ...]: files and directories
+    out: str = ""  # the directory to write (new, empty, or an unfinished prepare to finish)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_field: str = "text"  # .jsonl / .jsonl.gz / .jsonl.zst: the field holding a document's text
+    column: str = "text"  # .parquet: the column holding a document's text
+    heldout_fraction: float = 0.02  # share of documents (by a hash of their name) held out
+    shard_tokens: int = 2**27  # tokens per shard file (256 MiB at uint16)
+    workers: int = 0  # bpe encoding processes; 0: one per available core
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.input, str):
+            self.input = [self.input] if self.input else []
+        if not isinstance(self.input, (list, tuple)) or not all(isinstance(p, str) for p in self.input):
+            raise ConfigError(f"input={self.input!r}: give a path or a list of paths (input=PATH or input=[A,B])")
+        self.input = list(self.input)
+        _fraction("", "heldout_fraction", self.heldout_fraction, open_low=True, open_high=True)
+        _at_least("", self, shard_tokens=1, workers=0)
+        if not self.text_field or not self.column:
+            raise ConfigError("text_field and column must name a field / column (default: text)")
+
+
+@dataclass
+class BenchDataConfig:
+    """`python -m sweeps.bench_data`: prepare throughput, and start-up and memory of runs from shards."""
+
+    dir: str = ""  # working directory for the generated corpora and shards; empty: a new one under /tmp
+    keep: bool = False  # keep the working directory (default: deleted at the end)
+    mb: int = 500  # the large generated corpus, in MB of text
+    small_mb: int = 20  # the small one
+    vocab_size: int = 8192  # the BPE vocabulary trained on the large corpus
+    train_bytes: int = 16_000_000  # BPE training sample
+    workers: int = 0  # prepare's encoding processes; 0: one per available core
+    steps: int = 50  # steps of the training runs whose start-up and peak memory are measured
+    arch: str = "ar"
+    size: str = "xxs"
+    compare_text: bool = True  # also measure data=text on the same corpora (reads them into memory)
+    seed: int = 0
+
+    def __post_init__(self):
+        _at_least("", self, mb=1, small_mb=1, vocab_size=256 + N_SPECIAL + 1, train_bytes=1, workers=0, steps=1)
+        if self.arch not in arch_names():
+            raise ConfigError(f"arch={self.arch!r}; use one of {', '.join(arch_names())}")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lab_schema", node=Config)
@@ -447,6 +561,9 @@ def register_configs() -> None:
     cs.store(name="tradeoff_schema", node=TradeoffConfig)
     cs.store(name="kernel_bench_schema", node=KernelBenchConfig)
     cs.store(name="layer_bench_schema", node=LayerBenchConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="bench_data_schema", node=BenchDataConfig)
+    cs.store(group="tokenizer", name="schema", node=TokenizerConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="sweep", name="schema", node=SweepConfig)

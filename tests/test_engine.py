@@ -36,7 +36,10 @@ def test_every_config_composes():
         if group == "arch":
             continue
         for name in names:
-            compose(["+arch=ar", f"{group}={name}"])
+            if group == "tokenizer":  # python -m sweeps.prepare's group
+                compose([f"tokenizer={name}"], "prepare")
+            else:
+                compose(["+arch=ar", f"{group}={name}"])
 
 
 @pytest.mark.parametrize("causal,window", [(True, 0), (False, 0), (True, 16)])

@@ -24,6 +24,7 @@ RANKS = [
     ("sweeps.cli", 7),
     ("sweeps.fit", 8), ("sweeps.run", 8), ("sweeps.report", 8), ("sweeps.bench", 8), ("sweeps.sample", 8),
     ("sweeps.sample_tradeoff", 8), ("sweeps.bench_kernels", 8), ("sweeps.bench_layers", 8), ("sweeps.prepare", 8),
+    ("sweeps.bench_data", 8),
     ("hydra_plugins", 9),
 ]
 # Imports inside a function are allowed only here: Hydra scans its plugins at the start of every

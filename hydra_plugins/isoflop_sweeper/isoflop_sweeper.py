@@ -69,7 +69,13 @@ class IsoFLOPSweeper(Sweeper):
 
         try:
             parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
-            return run_sweep(to_typed(self.config), parsed, job_config=self._job_config, launch=self._launch,
+            # The sweep's own settings come from the config with every comma list at its first
+            # value: an axis may choose what the master config lacks (`+arch=ar,diffusion`).
+            axes = [ov for ov in parsed if ov.is_sweep_override() and ov.is_discrete_sweep()]
+            first = [f"{ov.get_key_element()}={next(iter(ov.sweep_string_iterator()))}" if ov in axes
+                     else ov.input_line for ov in parsed]
+            cfg = to_typed(self._job_config(first) if axes else self.config)
+            return run_sweep(cfg, parsed, job_config=self._job_config, launch=self._launch,
                              max_batch_size=self.max_batch_size,
                              sequential=type(self.launcher).__name__ == "BasicLauncher",
                              sweep_dir=Path(str(self.config.hydra.sweep.dir)), raw_config=self.config)

@@ -389,7 +389,7 @@ def recall(out: Path, points: Sequence[RecallPoint], drawn: list[str]) -> None:
     for (ax, lg), a in zip(pairs, archs):
         pts = [p for p in points if p.arch == a]
         ax.set_title(a)
-        ax.set_xlabel("state size (bytes per token of context)")
+        ax.set_xlabel("decode state at train.seq_len (bytes per sequence)")
         ax.set_ylabel("MQAR accuracy")
         ax.set_ylim(-0.02, 1.02)
         have = [p for p in pts if p.state_bytes]
@@ -433,7 +433,7 @@ def lr_scan(out: Path, lr_rows: Sequence[dict], drawn: list[str]) -> None:
 def draw_all(out: Path, groups: Sequence[GroupAnalysis], *, lr_rows: Sequence[dict],
              recall_points: Sequence[RecallPoint]) -> list[str]:
     drawn: list[str] = []
-    for fn in (loss_vs_compute, isoflop, optimal_allocation, residuals, curves):
+    for fn in (loss_vs_compute, isoflop, optimal_allocation, residuals, curves) if groups else ():
         fn(out, groups, drawn)
     if recall_points:
         recall(out, recall_points, drawn)

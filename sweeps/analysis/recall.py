@@ -1,8 +1,9 @@
 """The recall probe (multi-query associative recall, ``data=mqar``): accuracy against recurrent state size.
 
 Rows with ``eval_acc`` are a probe, not language modelling: they never enter a scaling-law fit. Their seeds are
-averaged per (arch, width, pair count, state size); ``state_bytes`` is the model's state per token of context
-computed from its config (recurrent state for recurrent layers, KV cache for attention).
+averaged per (arch, width, pair count, state size); ``state_bytes`` is the model's decode state per sequence
+after ``train.seq_len`` tokens, computed from its config (archs.mixers.model_state_bytes: the fixed recurrent
+state of recurrent layers, the KV cache of attention, which grows with the context).
 """
 
 from __future__ import annotations

@@ -228,7 +228,8 @@ def _recall_table(points: Sequence[RecallPoint]) -> Table:
              num(p.acc) + ("" if math.isnan(p.acc_std) else f" ± {num(p.acc_std)}"), str(p.n_seeds)] for p in points]
     return Table("Recall probe (MQAR)",
                  "Held-out multi-query associative recall accuracy (mean ± std over seeds) against the model's state "
-                 "size (bytes per token of context: recurrent state, or the KV cache for attention). Probe runs are "
+                 "size (decode-state bytes per sequence at the run's train.seq_len: recurrent state, or the KV cache "
+                 "for attention). Probe runs are "
                  "not part of any scaling-law fit.", "tab:recall",
                  ["arch", "d_model", "pairs", "state bytes", "accuracy", "seeds"], rows)
 

@@ -18,15 +18,13 @@ import numpy as np
 
 from archs.errors import ConfigError
 from archs.tokens import BYTES
+from sweeps.engine.sources import is_heldout, list_files
 
 EOD, MASK, PAD = BYTES.eod, BYTES.mask, BYTES.pad
 VOCAB = BYTES.size
 # data=text reads the whole corpus into memory (as uint16, twice its size); beyond this share of
 # the available memory it must be prepared into token shards instead (python -m sweeps.prepare).
 MAX_MEMORY_SHARE = 0.25
-# Files are assigned to the held-out split by a hash of their relative path: stable under
-# additions to the corpus and independent of file-system order.
-_SPLIT_SALT = b"difflab-heldout-v1"
 
 
 @dataclass
@@ -71,37 +69,10 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _regular_file(p: Path) -> None:
-    """A data file must be a regular, readable file: FIFOs, devices and sockets are refused (they
-    hang or never end), unreadable files named."""
-    import stat
-
-    mode = p.stat().st_mode
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-        raise ConfigError(f"data path {str(p)!r} is {kind}; data.paths takes regular text files or directories")
-    if not os.access(p, os.R_OK):
-        raise ConfigError(f"data file {str(p)!r} is not readable (permission denied); fix its permissions or data.paths")
-
-
 def _user_files(paths: list[str]) -> list[tuple[str, Path]]:
     if not paths:
         raise ConfigError("data=text needs data.paths=[FILE_OR_DIR,...]; none were given")
-    out = []
-    for raw in paths:
-        p = Path(os.path.expanduser(str(raw))).absolute()
-        if not p.exists():
-            where = "" if Path(os.path.expanduser(str(raw))).is_absolute() else f" in {os.getcwd()}"
-            raise ConfigError(f"data path {str(raw)!r} does not exist{where}; fix data.paths")
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-            if not found:
-                raise ConfigError(f"data path {str(p)!r} is a directory with no files; fix data.paths")
-            out += [(q.relative_to(p).as_posix(), q) for q in found]
-        else:
-            _regular_file(p)
-            out.append((p.name, p))
+    out = list_files(paths, "data.paths")
     total = sum(q.stat().st_size for _, q in out)
     limit = MAX_MEMORY_SHARE * available_memory() / 2  # held as uint16
     if total > limit:
@@ -117,11 +88,6 @@ def _read(path: Path) -> bytes:
     except OSError as e:
         raise ConfigError(f"cannot read data file {str(path)!r} ({e.strerror or e}); fix or remove it from data.paths") \
             from None
-
-
-def _is_heldout(rel: str, fraction: float) -> bool:
-    h = hashlib.sha256(_SPLIT_SALT + rel.encode()).digest()
-    return int.from_bytes(h[:8], "little") / 2**64 < fraction
 
 
 def _stream(docs: list[bytes]) -> np.ndarray:
@@ -144,7 +110,8 @@ def load_corpus(name: str, paths: list[str] | None = None, heldout_fraction: flo
         named = _user_files(list(paths or []))
         label = "text:" + ",".join(str(p) for p in paths)
     else:
-        raise ConfigError(f"data.name={name!r} is unknown; use data=stdlib or data=text data.paths=[...]")
+        raise ConfigError(f"data={name} is not an in-memory corpus (this reads data=stdlib or data=text "
+                          "data.paths=[...]); open prepared shards with sweeps.engine.dataset.open_dataset")
     digest = hashlib.sha256()
     train_docs, held_docs = [], []
     for rel, path in named:
@@ -152,7 +119,7 @@ def load_corpus(name: str, paths: list[str] | None = None, heldout_fraction: flo
         if not blob:
             continue
         digest.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
-        (held_docs if _is_heldout(rel, heldout_fraction) else train_docs).append(blob)
+        (held_docs if is_heldout(rel, heldout_fraction) else train_docs).append(blob)
     if not train_docs and not held_docs:
         raise ConfigError(f"data paths {', '.join(map(str, paths or []))} hold no bytes; point data.paths at "
                           "non-empty text files")

@@ -5,7 +5,7 @@ One run is the same command launched once per process: by SLURM (several tasks o
 reads the peers from SLURM's environment) or by hand with `dist.coordinator=HOST:PORT
 dist.processes=N dist.process_id=I`. Every process builds the same plan and the same global mesh
 over all processes' devices, and feeds only the rows of each batch that its own devices hold
-(`process_rows`, `process_batch`, `global_batch`). Process 0 alone writes the results row, the
+(`process_rows`, `global_batch`; the data's `train_batch(..., rows=)` reads only those rows). Process 0 alone writes the results row, the
 metrics, TensorBoard and the report, and holds the run's lock; checkpoints are written by every
 process together (Orbax), committed by process 0 after a barrier (sweeps.engine.checkpoint).
 
@@ -25,7 +25,6 @@ from jax.sharding import Sharding
 
 from archs.errors import ConfigError
 from sweeps.config import DistConfig
-from sweeps.engine.data import Corpus, train_batch
 
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
@@ -93,12 +92,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def process_rows(sharding: Sharding, n_rows: int) -> slice:
-    """The rows of an [n_rows, ...] array sharded by `sharding` that this process's devices hold:
-    one contiguous block (all rows with one process). A mesh that gives a process scattered
-    rows is refused: the processes' devices must be contiguous along the batch axes."""
-    spans = {(s.start or 0, n_rows if s.stop is None else s.stop)
-             for s, *_ in sharding.addressable_devices_indices_map((n_rows, 1)).values()}
+def process_rows(sharding: Sharding, n_rows: int, devices=None) -> slice:
+    """The rows of an [n_rows, ...] array sharded by `sharding` that `devices` (default: this
+    process's) hold: the local data jax.make_array_from_process_local_data expects from a process.
+    One contiguous block (all rows with one process); a mesh that gives a process scattered rows
+    is refused: the processes' devices must be contiguous along the batch axes."""
+    index = sharding.devices_indices_map((n_rows, 1))
+    spans = {index[d][0].indices(n_rows)[:2] for d in (sharding.addressable_devices if devices is None else devices)}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     covered = np.zeros(n_rows, bool)
     for a, b in spans:
@@ -107,13 +107,6 @@ def process_rows(sharding: Sharding, n_rows: int) -> slice:
         raise ConfigError(f"process {jax.process_index()} would hold scattered rows of the batch on this mesh; "
                           "order the mesh so each process's devices are contiguous along mesh.data")
     return slice(lo, hi)
-
-
-def process_batch(corpus: Corpus, seed: int, step: int, batch_size: int, seq_len: int, rows: slice) -> np.ndarray:
-    """This process's rows of the global training batch of `step` (sweeps.engine.data.train_batch):
-    the processes' blocks concatenate to the global batch, so a run's numbers do not depend on
-    how many processes feed it."""
-    return train_batch(corpus, seed, step, batch_size, seq_len)[rows]
 
 
 def global_batch(local: np.ndarray, sharding: Sharding, n_rows: int) -> jax.Array:

@@ -35,8 +35,8 @@ from archs.mixers import model_state_bytes
 from archs.sizes import pattern_shortfall
 from sweeps.config import Config, Role
 from sweeps.engine.checkpoint import Checkpointer
-from sweeps.engine.data import check_windows, eval_windows, load_corpus
-from sweeps.engine.distributed import any_process, barrier, broadcast, initialize, is_primary, process_batch
+from sweeps.engine.dataset import Dataset, EvalWindows, open_dataset
+from sweeps.engine.distributed import any_process, barrier, broadcast, initialize, is_primary
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
 from sweeps.engine.plan import DIFFUSION, Plan, config_hash, plan_run, run_id_for
@@ -101,12 +101,11 @@ def train(cfg: Config, *, devices=None) -> dict:
     shortfall = pattern_shortfall(plan.model_cfg)
     if shortfall:
         print(f"warning: {shortfall}", file=sys.stderr)
-    corpus = load_corpus(cfg.data.name, list(cfg.data.paths), cfg.data.heldout_fraction)
-    check_windows(corpus, cfg.train.seq_len)
-    windows = eval_windows(corpus, cfg.train.seq_len, cfg.train.eval_windows)
-    if len(windows) < plan.n_batch_devices:
+    dataset = open_dataset(cfg.data)
+    windows = dataset.eval_windows(cfg.train.seq_len, cfg.train.eval_windows)
+    if len(windows.tokens) < plan.n_batch_devices:
         raise ConfigError(
-            f"only {len(windows)} held-out windows of train.seq_len={cfg.train.seq_len} tokens, fewer than the "
+            f"only {len(windows.tokens)} held-out windows of train.seq_len={cfg.train.seq_len} tokens, fewer than the "
             f"{plan.n_batch_devices} devices of the data axes; raise train.eval_windows, use more held-out data or "
             "fewer devices"
         )
@@ -116,7 +115,7 @@ def train(cfg: Config, *, devices=None) -> dict:
     check_root(cfg.root)
     digest = config_hash(cfg)
     with StopSignals() as signals:
-        return _claim_and_train(cfg, plan, corpus, windows, run_id, digest, devices, signals)
+        return _claim_and_train(cfg, plan, dataset, windows, run_id, digest, devices, signals)
 
 
 def _open_db(cfg: Config, run_id: str, digest: str) -> ResultsDB:
@@ -145,7 +144,7 @@ def _check_trunk(cfg: Config, plan: Plan) -> None:
                           "train the trunk first (the sweep does it before its branches)")
 
 
-def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
+def _row_fields(cfg: Config, plan: Plan, dataset: Dataset, digest: str) -> dict:
     mc = plan.model_cfg
     own_steps = plan.steps - fork_step(cfg, plan) if cfg.role == Role.branch else plan.steps
     return {
@@ -154,13 +153,13 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size, "lr": plan.peak_lr,
         "seed": cfg.seed, "steps": plan.steps, "budget": cfg.budget,
         "sweep": cfg.sweep.name if cfg.sweep.name != "none" else None,
-        "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+        "corpus": dataset.name, "corpus_sha256": dataset.sha256,
         "eval_samples": mc.diffusion.eval_samples if mc.objective in DIFFUSION else 1,
         "state_bytes": model_state_bytes(mc, cfg.train.seq_len),
         "config": dataclasses.asdict(cfg), "config_hash": digest,
         "params": plan.params, "nonembed_params": plan.nonembed_params, "active_params": plan.active_params,
-        "tokenizer": "byte", "vocab_size": mc.vocab_size,
-        "epochs": plan.tokens / max(1, corpus.train.size),
+        "tokenizer": dataset.tokenizer, "vocab_size": mc.vocab_size,
+        "epochs": plan.tokens / max(1, dataset.train_tokens) if dataset.train_tokens else None,
         "role": str(cfg.role), "trunk_id": cfg.train.branch_from or None,
         "compute_spent": plan.flops * own_steps / plan.steps,  # a branch adds only its cooldown
     }
@@ -169,8 +168,8 @@ def _row_fields(cfg: Config, plan: Plan, corpus, digest: str) -> dict:
 _CLAIMS = ("claimed", "done", "busy")
 
 
-def _claim_and_train(cfg: Config, plan: Plan, corpus, windows, run_id: str, digest: str, devices,
-                     signals: StopSignals) -> dict:
+def _claim_and_train(cfg: Config, plan: Plan, dataset: Dataset, windows: EvalWindows, run_id: str, digest: str,
+                     devices, signals: StopSignals) -> dict:
     # Process 0 claims the row and holds the lock; the others learn its decision.
     db, lock, claim, prior_wall = None, None, "claimed", 0.0
     if is_primary():
@@ -180,7 +179,7 @@ def _claim_and_train(cfg: Config, plan: Plan, corpus, windows, run_id: str, dige
                 if dead != run_id:
                     print(f"warning: run {dead} was left running by a process that is gone; marked failed "
                           "(re-run its command to resume it)", file=sys.stderr)
-            claim, lock = db.claim(run_id, _row_fields(cfg, plan, corpus, digest))
+            claim, lock = db.claim(run_id, _row_fields(cfg, plan, dataset, digest))
         except BaseException:
             broadcast(-1)  # the other processes stop too
             raise
@@ -200,7 +199,7 @@ def _claim_and_train(cfg: Config, plan: Plan, corpus, windows, run_id: str, dige
         # Built after the claim: a run another process is training is not built twice, and a
         # failure while building or compiling (e.g. out of memory) lands in the row too.
         trainer = Trainer(cfg, plan, devices)
-        return _train_claimed(cfg, plan, corpus, windows, run_id, trainer, db, signals, prior_wall, t0)
+        return _train_claimed(cfg, plan, dataset, windows, run_id, trainer, db, signals, prior_wall, t0)
     except (Preempted, Interrupted) as e:
         kind = "preempted" if isinstance(e, Preempted) else "interrupted"
         _record_failure(db, run_id, f"{kind}: {e}", prior_wall + time.time() - t0)
@@ -222,15 +221,15 @@ def _record_failure(db: ResultsDB | None, run_id: str, error: str, wall: float) 
         print(f"warning: could not mark run {run_id} failed in the results database ({e})", file=sys.stderr)
 
 
-def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, trainer: Trainer, db: ResultsDB | None,
-                   signals: StopSignals, prior_wall: float, t0: float) -> dict:
+def _train_claimed(cfg: Config, plan: Plan, dataset: Dataset, windows: EvalWindows, run_id: str, trainer: Trainer,
+                   db: ResultsDB | None, signals: StopSignals, prior_wall: float, t0: float) -> dict:
     mc = plan.model_cfg
     primary = db is not None  # process 0 writes; the others only compute and checkpoint
     rdir = run_dir(cfg.root, run_id)
     if primary:
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        (rdir / "corpus.json").write_text(json.dumps(corpus.describe(), indent=1))
+        (rdir / "corpus.json").write_text(json.dumps(dataset.describe(), indent=1))
     barrier("run directory")
 
     checkpointer = Checkpointer(rdir / "ckpt", cfg.train.keep_checkpoints, owner=True,
@@ -276,13 +275,18 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                    desc=run_id[:40], file=sys.stderr, mininterval=1.0, disable=not (cfg.train.progress and primary))
         last_ckpt = time.time()
         timed_tokens, timed_since = 0, time.time()
-        eval_bpb, error = None, None
+        eval_bpb, eval_acc, error = None, None, None
+
+        def evaluate(state):
+            acc = trainer.recall(state, windows.tokens, windows.answers) if windows.answers is not None else None
+            return trainer.evaluate(state, windows.tokens, windows.bytes), acc
+
         every_steps = cfg.train.checkpoint_every_steps
         try:
             with metrics_path.open("a") as log:
                 for step in range(start, plan.steps):
-                    batch = process_batch(corpus, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len,
-                                          trainer.rows)
+                    batch = dataset.train_batch(cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len,
+                                                rows=trainer.rows)
                     profiler.begin(step + 1)
                     state, m = trainer.step(state, batch, step)
                     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
@@ -298,12 +302,14 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                            **{k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm")}}
                     is_eval = done_steps % eval_every == 0 or done_steps == plan.steps
                     if is_eval:
-                        eval_bpb = trainer.evaluate(state, windows)
+                        eval_bpb, eval_acc = evaluate(state)
                         rec["eval_bpb"] = eval_bpb
+                        if eval_acc is not None:
+                            rec["eval_acc"] = eval_acc
                         if primary:
                             db.add_eval(EvalRecord(run_id, done_steps, rec["tokens"],
                                                    done_steps * plan.tokens_per_step * plan.flops_per_token,
-                                                   eval_bpb, loss))
+                                                   eval_bpb, loss, eval_acc))
                     if is_eval or done_steps % cfg.train.log_every == 0:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
@@ -330,7 +336,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
                         last_ckpt = now
                     checkpointer.poll()
             if eval_bpb is None:  # resumed from the final checkpoint: nothing left to train
-                eval_bpb = trainer.evaluate(state, windows)
+                eval_bpb, eval_acc = evaluate(state)
             save(plan.steps)  # the trained model, for sampling
             checkpointer.commit()
         except Diverged as e:
@@ -344,6 +350,7 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         checkpointer.close()
     final = {
         "status": "failed" if error else "done", "error": error, "eval_bpb": None if error else eval_bpb,
+        "eval_acc": None if error else eval_acc,
         "wall_s": prior_wall + time.time() - t0,
         "tokens_per_s": timed_tokens / max(1e-9, time.time() - timed_since) if timed_tokens else None,
         "pid": None,
@@ -357,5 +364,6 @@ def _train_claimed(cfg: Config, plan: Plan, corpus, windows, run_id: str, traine
         print(f"{run_id}: FAILED: {error}", file=sys.stderr)
     else:
         print(f"{run_id}: done, held-out {'NELBO bound ' if mc.objective in DIFFUSION else ''}"
-              f"{eval_bpb:.4f} bits/byte", file=sys.stderr)
+              f"{eval_bpb:.4f} bits/byte{f', recall {eval_acc:.3f}' if eval_acc is not None else ''}",
+              file=sys.stderr)
     return result

@@ -7,10 +7,10 @@ fails once the pairs exceed what it can hold, which is why accuracy is read agai
 
 A window [T + 1] is
 
-    EOD, k_1 v_1 ... k_P v_P, q_1 a_1, q_2 a_2, ...          (filling the window; q_i in {k_j})
+    EOD, k_1 v_1 ... k_P v_P, q_1 a_1, q_2 a_2, ... q_Q a_Q, EOD ...        (q_i in {k_j})
 
-with keys (distinct within a sequence) drawn from ids 0 .. keys-1 and values from
-keys .. keys+values-1; the vocabulary is those text ids followed by EOD, MASK, PAD
+with Q = data.mqar.queries (0: as many as fit), keys distinct within a sequence drawn from ids
+0 .. keys-1 and values from keys .. keys+values-1; the vocabulary is those text ids followed by EOD, MASK, PAD
 (archs.tokens). Training uses each arch's own objective on whole windows; the held-out score,
 `eval_acc`, is the accuracy on the answers a_i: the AR model predicts each from the tokens before
 it, diffusion denoisers predict all of them in one step with every answer masked (the
@@ -20,57 +20,39 @@ seed for the held-out set, so every run of every arch is scored on the same sequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from archs.errors import ConfigError
 from archs.tokens import Vocab
+from sweeps.config import MqarConfig
 
 HELDOUT_SEED = 0x4D514152  # "MQAR": the held-out sequences, the same for every run
 
 
-@dataclass(frozen=True)
 class MqarTask:
-    keys: int = 64  # key vocabulary
-    values: int = 64  # value vocabulary
-    pairs: int = 8  # key-value pairs per sequence
+    """The sequences of one task (data.mqar), training and held-out."""
 
-    def __post_init__(self):
-        if self.keys < 1 or self.values < 1 or self.pairs < 1:
-            raise ConfigError(f"data.mqar needs keys, values and pairs >= 1; got {self.keys}, {self.values}, "
-                              f"{self.pairs}")
-        if self.pairs > self.keys:
-            raise ConfigError(f"data.mqar.pairs={self.pairs} exceeds data.mqar.keys={self.keys}: the keys of a "
-                              "sequence are distinct; raise keys or lower pairs")
-
-    @property
-    def vocab(self) -> Vocab:
-        return Vocab(self.keys + self.values)
-
-    def check(self, seq_len: int) -> None:
-        if seq_len < 2 * self.pairs + 2:
-            raise ConfigError(f"train.seq_len={seq_len} cannot hold data.mqar.pairs={self.pairs} pairs and a query: "
-                              f"it needs at least {2 * self.pairs + 2} tokens")
+    def __init__(self, cfg: MqarConfig):
+        self.cfg = cfg
+        self.vocab = Vocab(cfg.keys + cfg.values)
 
     def windows(self, rng: np.random.Generator, n: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [n, T + 1] int32, answers [n, T] bool): the windows and which targets (columns
         1..T) are answers."""
-        self.check(seq_len)
-        p, t = self.pairs, seq_len
-        keys = np.argsort(rng.random((n, self.keys)), axis=1)[:, :p]  # p distinct keys per row
-        values = self.keys + rng.integers(0, self.values, size=(n, p))
-        tokens = np.empty((n, t + 1), np.int64)
-        tokens[:, 0] = self.vocab.eod
+        self.cfg.check(seq_len)
+        c, p, t = self.cfg, self.cfg.pairs, seq_len
+        keys = np.argsort(rng.random((n, c.keys)), axis=1)[:, :p]  # p distinct keys per row
+        values = c.keys + rng.integers(0, c.values, size=(n, p))
+        tokens = np.full((n, t + 1), self.vocab.eod, np.int64)
         tokens[:, 1:2 * p + 1:2] = keys
         tokens[:, 2:2 * p + 2:2] = values
-        n_q = (t - 2 * p) // 2
+        room = (t - 2 * p) // 2
+        n_q = min(c.queries, room) if c.queries else room
         which = rng.integers(0, p, size=(n, n_q))
         rows = np.arange(n)[:, None]
         q_cols = 2 * p + 1 + 2 * np.arange(n_q)
         tokens[:, q_cols] = keys[rows, which]
         tokens[:, q_cols + 1] = values[rows, which]
-        if (t - 2 * p) % 2:  # one position left: a query whose answer falls outside the window
+        if not c.queries and (t - 2 * p) % 2:  # one position left: a query whose answer falls outside the window
             tokens[:, t] = keys[rows[:, 0], rng.integers(0, p, size=n)]
         answers = np.zeros((n, t), bool)
         answers[:, q_cols] = True  # target column c - 1 holds token column c: the answers sit at q_cols + 1

@@ -28,8 +28,9 @@ from archs.sharding import batch_shards, mesh_shape
 from archs.sizes import resolve
 from diffusion.block import BlockDiffusionObjective
 from diffusion.objective import MaskedDiffusionObjective
-from sweeps.config import Config, LrRule
+from sweeps.config import Config, DataName, LrRule
 from sweeps.engine.data import available_memory
+from sweeps.engine.dataset import fit_vocab
 
 OBJECTIVES = {"ar": AutoregressiveObjective, "diffusion": MaskedDiffusionObjective,
               "block_diffusion": BlockDiffusionObjective}
@@ -67,6 +68,11 @@ def result_fields(cfg: Config) -> dict:
         v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         if path == "data":  # the same files under the same absolute paths, from any directory
             v = dict(v, paths=[str(Path(os.path.expanduser(p)).absolute()) for p in v["paths"]])
+            if v["dir"]:
+                v["dir"] = str(Path(os.path.expanduser(v["dir"])).absolute())
+            for key in ("dir", "tokenizer"):  # unset: ids of byte-corpus runs stay what they were
+                if not v[key]:
+                    del v[key]
         out[path] = v
     return out
 
@@ -161,11 +167,13 @@ def compute_dtype_for(dtype: str, platform: str) -> str:
 
 def plan_run(cfg: Config, n_devices: int, platform: str | None = None) -> Plan:
     """The plan of `cfg` on `n_devices` devices of `platform` (default: JAX's default backend)."""
-    model_cfg = resolve(cfg.arch)
+    model_cfg = resolve(fit_vocab(cfg.arch, cfg.data))  # the vocabulary is the data's
     model_cfg = dataclasses.replace(
         model_cfg, dtype=compute_dtype_for(model_cfg.dtype, platform or jax.default_backend()))
     make_objective(model_cfg)  # objective-specific settings (arch.diffusion.*)
     t = cfg.train
+    if cfg.data.name == DataName.mqar:
+        cfg.data.mqar.check(t.seq_len)
     tokens_per_step = t.batch_size * t.seq_len
     if t.tokens < tokens_per_step:
         raise ConfigError(

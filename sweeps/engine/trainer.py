@@ -30,7 +30,6 @@ from archs.model import Model
 from archs.moe import RouterBias, balance_loss, router_metrics, router_stats, update_router_bias
 from archs.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from sweeps.config import Config, DecayShape, OptimConfig, Schedule
-from sweeps.engine.data import n_bytes
 from sweeps.engine.distributed import global_batch, process_rows
 from sweeps.engine.plan import Plan, make_objective
 
@@ -147,6 +146,10 @@ class Trainer:
         self._eval = jax.jit(self._eval_nats,
                              in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding, None),
                              out_shardings=full)
+        self._recall = jax.jit(self._recall_hits,
+                               in_shardings=(self.param_sharding, self.other_sharding, self.batch_sharding,
+                                             self.batch_sharding),
+                               out_shardings=full)
 
     def _on_cpu(self) -> bool:
         return self.mesh.devices.flat[0].platform == "cpu"
@@ -201,6 +204,10 @@ class Trainer:
     def _eval_nats(self, params, other, windows, rng):
         return jnp.sum(self.objective.eval_nats(self.model(params, other), windows, rng))
 
+    def _recall_hits(self, params, other, windows, answers):
+        predicted = self.objective.recall(self.model(params, other), windows, answers)
+        return jnp.sum((predicted == windows[:, 1:]) & answers)
+
     def compile_step(self, state):
         """Compile the train step for `state`'s shapes ahead of time and use it from now on; the
         executable tells its memory (XLA's memory_analysis) and cost before the first step runs."""
@@ -219,23 +226,40 @@ class Trainer:
         *state, metrics = self._step(*state, batch, jnp.asarray(step, jnp.int32), lr)
         return tuple(state), metrics
 
-    def evaluate(self, state, windows_np: np.ndarray) -> float:
-        """Held-out bits per byte over fixed windows (for diffusion: the NELBO upper bound)."""
-        params, _, other = state
+    def _eval_batches(self, n_windows: int):
+        """(batch size, this process's rows of a batch, windows used): whole batches that split over
+        the data axes."""
         n_dev = self.plan.n_batch_devices
-        bs = min(self.cfg.train.eval_batch, len(windows_np))
+        bs = min(self.cfg.train.eval_batch, n_windows)
         bs = max(bs - bs % n_dev, n_dev)
-        n = (len(windows_np) // bs) * bs
+        n = (n_windows // bs) * bs
         if n == 0:
             raise ConfigError(
-                f"only {len(windows_np)} held-out windows, fewer than the {bs} devices of the data axes; "
+                f"only {n_windows} held-out windows, fewer than the {bs} devices of the data axes; "
                 "use fewer devices or more held-out data"
             )
-        windows_np = windows_np[:n]
+        return bs, process_rows(self.batch_sharding, bs), n
+
+    def evaluate(self, state, windows_np: np.ndarray, window_bytes: np.ndarray) -> float:
+        """Held-out bits per byte over fixed windows (for diffusion: the NELBO upper bound):
+        total nats / (ln 2 x the text bytes behind the scored targets, `window_bytes` per window)."""
+        params, _, other = state
+        bs, rows, n = self._eval_batches(len(windows_np))
         eval_key = jax.random.key(EVAL_KEY)
-        rows = process_rows(self.batch_sharding, bs)
         total = 0.0
         for i in range(0, n, bs):
             w = global_batch(windows_np[i:i + bs][rows], self.batch_sharding, bs)
             total += float(self._eval(params, other, w, jax.random.fold_in(eval_key, i)))
-        return total / math.log(2) / n_bytes(windows_np[:, 1:])
+        return total / math.log(2) / int(np.sum(window_bytes[:n]))
+
+    def recall(self, state, windows_np: np.ndarray, answers_np: np.ndarray) -> float:
+        """Held-out recall accuracy: the share of answer positions (`answers_np` [n, T]) the
+        objective's one-shot prediction gets right (archs.objective / diffusion `recall`)."""
+        params, _, other = state
+        bs, rows, n = self._eval_batches(len(windows_np))
+        hits = 0
+        for i in range(0, n, bs):
+            w = global_batch(windows_np[i:i + bs][rows], self.batch_sharding, bs)
+            a = global_batch(answers_np[i:i + bs][rows], self.batch_sharding, bs)
+            hits += int(self._recall(params, other, w, a))
+        return hits / max(1, int(np.sum(answers_np[:n])))

@@ -176,13 +176,14 @@ def isoflop_grid(
     return points, dropped
 
 
-def expand_grid(grid: Mapping[str, Iterable[Any]] | None) -> list[tuple[str, ...]]:
-    """Cartesian product of override lists: {"a": [1, 2], "b": [x]} -> [("a=1", "b=x"), ("a=2", "b=x")]."""
+def expand_grid(grid: Mapping[str, Iterable[Any]] | None, reserved: Sequence[str] = GRID_KEYS) -> list[tuple[str, ...]]:
+    """Cartesian product of override lists: {"a": [1, 2], "b": [x]} -> [("a=1", "b=x"), ("a=2", "b=x")].
+    `reserved` keys are refused (an IsoFLOP grid derives them; a sweep without budgets may set them)."""
     if not grid:
         return [()]
     axes = []
     for key, values in grid.items():
-        if key in GRID_KEYS:
+        if key in reserved:
             raise ConfigError(f"sweep.grid may not set {key}: the IsoFLOP grid derives it")
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             values = [values]

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from archs.errors import ConfigError
 from sweeps.analysis.report import make_report
 from sweeps.config import Config, ReportConfig, to_typed
+from sweeps.engine.dataset import fit_vocab
 from sweeps.engine.interrupts import Interrupted, Preempted
 from sweeps.engine.loop import check_root
 from sweeps.engine.plan import plan_run, run_id_for
@@ -77,7 +78,8 @@ def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: C
     combination: an axis that changes the arch (arch.pattern), the sequence length or the batch
     changes the FLOPs per token, hence every point's token count."""
     seeds = [()] if cfg.sweep.seeds == 1 else [(f"seed={cfg.seed + j}",) for j in range(cfg.sweep.seeds)]
-    extras = [tuple(a) + tuple(b) + s for a in expand_grid(cfg.sweep.grid) for b in itertools.product(*axes)
+    extras = [tuple(a) + tuple(b) + s for a in expand_grid(cfg.sweep.grid, GRID_KEYS if cfg.sweep.budgets else ())
+              for b in itertools.product(*axes)
               for s in seeds]
     if not cfg.sweep.budgets:
         return [[base + list(e) for e in extras]], []
@@ -85,7 +87,8 @@ def grid_jobs(cfg: Config, base: list[str], axes: list[list[str]], job_config: C
     for extra in extras:
         c = to_typed(job_config(base + list(extra))) if extra else cfg
         sw = c.sweep
-        p, d = isoflop_grid(c.arch, list(sw.budgets), [str(x) for x in sw.sizes], seq_len=c.train.seq_len,
+        arch = fit_vocab(c.arch, c.data)  # the data's vocabulary: the head's FLOPs depend on it
+        p, d = isoflop_grid(arch, list(sw.budgets), [str(x) for x in sw.sizes], seq_len=c.train.seq_len,
                             batch_size=c.train.batch_size, min_steps=sw.min_steps,
                             min_tokens_per_param=sw.min_tokens_per_param, max_tokens_per_param=sw.max_tokens_per_param)
         points += with_extra(p, [extra])

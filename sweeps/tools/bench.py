@@ -26,7 +26,7 @@ import numpy as np
 
 from archs.config import Remat
 from sweeps.config import BenchConfig
-from sweeps.engine.data import load_corpus, train_batch
+from sweeps.engine.dataset import open_dataset
 from sweeps.engine.distributed import initialize, is_primary
 from sweeps.engine.plan import plan_run
 from sweeps.engine.trainer import Trainer
@@ -101,7 +101,7 @@ def step_memory(compiled) -> dict:
     return out
 
 
-def _measure(cfg: BenchConfig, plan, corpus, remat: Remat, meter: MatmulPeak | None) -> dict:
+def _measure(cfg: BenchConfig, plan, dataset, remat: Remat, meter: MatmulPeak | None) -> dict:
     b = cfg.bench
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=remat))
     trainer = Trainer(cfg, plan)
@@ -110,7 +110,7 @@ def _measure(cfg: BenchConfig, plan, corpus, remat: Remat, meter: MatmulPeak | N
     memory = step_memory(trainer.compile_step(state))
     compile_s = time.perf_counter() - t
     rows = trainer.rows  # this process's rows (all of them with one process)
-    batches = [train_batch(corpus, cfg.seed, s, b.batch_size, b.seq_len)[rows] for s in range(b.steps + 1)]
+    batches = [dataset.train_batch(cfg.seed, s, b.batch_size, b.seq_len, rows=rows) for s in range(b.steps + 1)]
     state, m = trainer.step(state, batches[0], 0)  # warm
     jax.block_until_ready(m["loss"])
     if meter is not None:
@@ -138,7 +138,7 @@ def bench(cfg: BenchConfig) -> dict:
                                   tokens=b.batch_size * b.seq_len * (b.steps + 1)))
     n_dev = jax.device_count()
     plan = plan_run(cfg, n_dev)
-    corpus = load_corpus(cfg.data.name, list(cfg.data.paths), cfg.data.heldout_fraction)
+    dataset = open_dataset(cfg.data)
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     meter = MatmulPeak(b.matmul_n) if on_cpu else None
@@ -148,7 +148,7 @@ def bench(cfg: BenchConfig) -> dict:
         f"seq_len={b.seq_len} batch={b.batch_size} dtype={mc.dtype} devices={n_dev} x {dev.device_kind}")
     results = []
     for remat in dict.fromkeys(b.remat or [cfg.train.remat]):
-        r = _measure(cfg, plan, corpus, Remat(remat), meter)
+        r = _measure(cfg, plan, dataset, Remat(remat), meter)
         r["achieved_flops"] = r["tokens_per_s"] * plan.flops_per_token
         mem = r["memory"]
         say(f"remat={r['remat']}: step {r['step_s'] * 1e3:.1f} ms (median of {r['timed_steps']}; "

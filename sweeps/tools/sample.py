@@ -32,7 +32,10 @@ from diffusion.samplers import ModelDenoiser, sample
 from diffusion.schedules import get_schedule
 from sweeps.config import SampleConfig
 from sweeps.engine.checkpoint import Checkpointer
-from sweeps.engine.data import EOD
+from sweeps.config import DataConfig, DataName
+from sweeps.engine.dataset import fit_vocab, manifest_tokenizer
+from sweeps.engine.shards import read_manifest
+from sweeps.engine.tokenizer import ByteTokenizer, decode
 from sweeps.engine.plan import compute_dtype_for
 from sweeps.engine.records import ResultsDB
 
@@ -48,6 +51,12 @@ class LoadedRun:
     model: Model
     step: int
     row: dict | None
+    tokenizer: object  # ByteTokenizer | BpeTokenizer (sweeps.engine.tokenizer); None: not text (data=mqar)
+
+    def require_text(self) -> None:
+        if self.tokenizer is None:
+            raise ConfigError(f"run {self.run_id} trained on data=mqar, a recall probe whose ids are keys and "
+                              "values, not text; choose a run trained on text (run=ID)")
 
 
 def find_run(root: str, run: str) -> str:
@@ -69,12 +78,29 @@ def find_run(root: str, run: str) -> str:
     return hits[0]
 
 
+def data_config_of(run_cfg) -> DataConfig:
+    """The run's DataConfig, through the current schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_cfg.get("data", {})))
+
+
 def model_config_of(run_cfg) -> ModelConfig:
     """The run's ModelConfig, through the current schema (fields added since get their defaults),
-    computing in the dtype its arch.dtype means on this backend (auto: as training did here)."""
+    with its data's vocabulary, computing in the dtype its arch.dtype means on this backend (auto:
+    as training did here)."""
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), run_cfg.arch)
-    mc = resolve(OmegaConf.to_object(merged))
+    mc = resolve(fit_vocab(OmegaConf.to_object(merged), data_config_of(run_cfg)))
     return dataclasses.replace(mc, dtype=compute_dtype_for(mc.dtype, jax.default_backend()))
+
+
+def tokenizer_of(run_cfg):
+    """The tokenizer of the run's data: the prepared directory's, none for the recall probe, else
+    the byte tokenizer."""
+    data = data_config_of(run_cfg)
+    if data.name == DataName.mqar:
+        return None
+    if data.name == DataName.tokens:
+        return manifest_tokenizer(Path(data.dir).expanduser(), read_manifest(data.dir))
+    return ByteTokenizer()
 
 
 def load_run(root: str, run: str) -> LoadedRun:
@@ -93,22 +119,24 @@ def load_run(root: str, run: str) -> LoadedRun:
         raise ConfigError(f"run {run_id} has no readable checkpoint in {rdir / 'ckpt'}; train it to the end first")
     step, params = restored
     nnx.replace_by_pure_dict(abstract_state, params)
-    return LoadedRun(run_id, cfg, mc, nnx.merge(graphdef, abstract_state), step, ResultsDB(root).get(run_id))
+    return LoadedRun(run_id, cfg, mc, nnx.merge(graphdef, abstract_state), step, ResultsDB(root).get(run_id),
+                     tokenizer_of(cfg))
 
 
 # --- sampling ----------------------------------------------------------------------------------
 
 
-def prompt_tokens(prompt: str) -> np.ndarray:
-    """EOD (start of a document) followed by the prompt's UTF-8 bytes."""
-    return np.concatenate([[EOD], np.frombuffer(prompt.encode(), np.uint8)]).astype(np.int32)
+def prompt_tokens(prompt: str, tokenizer) -> np.ndarray:
+    """EOD (start of a document) followed by the prompt's tokens."""
+    ids = np.frombuffer(tokenizer.encode(prompt.encode()), tokenizer.dtype)
+    return np.concatenate([[tokenizer.vocab.eod], ids]).astype(np.int32)
 
 
 def generate(run: LoadedRun, *, n: int, length: int, steps: int, sampler: str = "ancestral", prompt: str = "",
              seed: int = 0, temperature: float = 1.0, block_len: int = 32, confidence: str = "prob",
              cache: bool = True, progress: bool = False, ar_sampler=None, denoiser=None):
     """Samples [n, length] (prefix included) and the sampler's stats."""
-    prefix = prompt_tokens(prompt)
+    prefix = prompt_tokens(prompt, run.tokenizer)
     if length <= len(prefix):
         raise ConfigError(f"length={length} leaves no room after the {len(prefix)}-token prefix; raise length")
     if run.model_cfg.objective == "block_diffusion":
@@ -134,22 +162,25 @@ def generate(run: LoadedRun, *, n: int, length: int, steps: int, sampler: str = 
                                max_len=length, progress=progress)
 
 
-def detokenize(tokens) -> str:
-    """Bytes as UTF-8 text; an EOD shows as a marker line (it ends one document, opens the next)."""
-    out, buf = [], bytearray()
+def detokenize(tokens, tokenizer) -> str:
+    """The tokens' text as UTF-8; an EOD shows as a marker line (it ends one document, opens the
+    next), other special tokens as <|id|>."""
+    out, run = [], []
+    eod, n_text = tokenizer.vocab.eod, tokenizer.vocab.n_text
     for tok in np.asarray(tokens).tolist():
-        if tok < 256:
-            buf.append(tok)
+        if tok < n_text:
+            run.append(tok)
             continue
-        out.append(buf.decode("utf-8", errors="replace"))
-        buf = bytearray()
-        out.append("\n<|eod|>\n" if tok == EOD else f"<|{tok}|>")
-    out.append(buf.decode("utf-8", errors="replace"))
+        out.append(decode(tokenizer.token_bytes, run).decode("utf-8", errors="replace"))
+        run = []
+        out.append("\n<|eod|>\n" if tok == eod else f"<|{tok}|>")
+    out.append(decode(tokenizer.token_bytes, run).decode("utf-8", errors="replace"))
     return "".join(out)
 
 
 def main(sc: SampleConfig) -> None:
     run = load_run(sc.root, sc.run)
+    run.require_text()
     length = sc.length or int(run.cfg.train.seq_len)
     family = {"diffusion": "masked diffusion", "block_diffusion": "block diffusion"}.get(
         str(run.model_cfg.objective), "autoregressive")
@@ -163,4 +194,4 @@ def main(sc: SampleConfig) -> None:
     print(f"# {run.run_id} (step {run.step}, {family}; {how}; seed {sc.seed})")
     for i, row in enumerate(tokens):
         print(f"\n----- sample {i} ({len(row)} tokens) -----")
-        print(detokenize(row[1:]))  # drop the leading EOD
+        print(detokenize(row[1:], run.tokenizer))  # drop the leading EOD

@@ -31,9 +31,13 @@ from archs.objective import token_nll
 from archs.sampling import ARSampler
 from diffusion.samplers import ModelDenoiser
 from sweeps.config import TradeoffConfig
-from sweeps.engine.data import EOD, load_corpus, n_bytes
+from sweeps.engine.dataset import open_dataset
+from sweeps.engine.tokenizer import decode
 from sweeps.engine.records import ResultsDB
-from sweeps.tools.sample import generate, load_run, prompt_tokens
+from sweeps.tools.sample import data_config_of, generate, load_run, prompt_tokens
+
+
+HELDOUT_TOKENS = 2_000_000  # enough held-out text for its byte entropy
 
 
 # --- choosing the runs -------------------------------------------------------------------------
@@ -65,6 +69,11 @@ def choose_runs(tc: TradeoffConfig) -> tuple[str, str, str]:
 # --- scoring -----------------------------------------------------------------------------------
 
 
+def _text(sample_ids, tokenizer) -> bytes:
+    """The text bytes of a sample's generated tokens (after its leading EOD)."""
+    return decode(tokenizer.token_bytes, np.asarray(sample_ids)[1:].tolist())
+
+
 class Judge:
     """An AR model's bits per byte on samples [n, L]: tokens 1..L-1 given everything before."""
 
@@ -76,21 +85,25 @@ class Judge:
 
     def score(self, samples_bl) -> dict:
         nats_n = np.asarray(self._nats(self.state, jnp.asarray(samples_bl, jnp.int32)), np.float64)
-        bytes_n = np.array([max(1, n_bytes(s[1:])) for s in samples_bl], np.float64)
+        bytes_n = np.array([max(1, len(_text(s, self.run.tokenizer))) for s in samples_bl], np.float64)
         per = nats_n / math.log(2) / bytes_n
         return {"judge_bpb": float(nats_n.sum() / math.log(2) / bytes_n.sum()),
                 "judge_bpb_se": float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0}
 
 
-def unigram_entropy_bits(samples_bl) -> float:
-    """Entropy (bits) of the pooled byte distribution of the samples' generated part."""
-    b = np.asarray(samples_bl)[:, 1:].ravel()
-    b = b[b < 256]
+def byte_entropy_bits(text: bytes) -> float:
+    """Entropy (bits) of the byte distribution of a text."""
+    b = np.frombuffer(text, np.uint8)
     if b.size == 0:
         return 0.0
     p = np.bincount(b, minlength=256) / b.size
     p = p[p > 0]
     return max(0.0, float(-(p * np.log2(p)).sum()))  # a single byte value: 0, not -0
+
+
+def unigram_entropy_bits(samples_bl, tokenizer) -> float:
+    """Entropy (bits) of the pooled byte distribution of the samples' generated text."""
+    return byte_entropy_bits(b"".join(_text(s, tokenizer) for s in samples_bl))
 
 
 def _timed(fn):
@@ -105,11 +118,17 @@ def _timed(fn):
 def run_tradeoff(tc: TradeoffConfig) -> dict:
     ids = choose_runs(tc)
     diff, ar, judge_run = (load_run(tc.root, i) for i in ids)
+    for r in (diff, ar, judge_run):
+        r.require_text()
     objectives = (diff.model_cfg.objective, ar.model_cfg.objective, judge_run.model_cfg.objective)
     if objectives != ("diffusion", "ar", "ar"):
         raise ConfigError("diffusion= must name a diffusion run, ar= and judge= autoregressive runs")
+    tok = judge_run.tokenizer
+    if any((r.tokenizer.name, r.tokenizer.vocab) != (tok.name, tok.vocab) for r in (diff, ar)):
+        raise ConfigError("the diffusion, AR and judge runs use different tokenizers; the judge scores samples "
+                          "token by token, so pick runs trained on the same data (diffusion=, ar=, judge=)")
     length = tc.length or int(diff.cfg.train.seq_len)
-    n_gen = length - len(prompt_tokens(""))
+    n_gen = length - len(prompt_tokens("", tok))
     judge = Judge(judge_run)
     common = dict(n=tc.n, length=length, seed=tc.seed, temperature=tc.temperature)
 
@@ -123,21 +142,20 @@ def run_tradeoff(tc: TradeoffConfig) -> dict:
                 progress=tc.progress))
             rows.append({"family": "diffusion", "run_id": diff.run_id, "sampler": sampler, "steps": stats["steps"],
                          "nfe": stats["nfe"], "wall_s": wall, "tokens_per_s": tc.n * n_gen / wall,
-                         "entropy_bits": unigram_entropy_bits(tokens), **judge.score(tokens)})
+                         "entropy_bits": unigram_entropy_bits(tokens, tok), **judge.score(tokens)})
             print(f"{sampler:>9} steps={stats['steps']:>4}: judge {rows[-1]['judge_bpb']:.3f} bpb, "
                   f"{rows[-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
     ar_sampler = ARSampler(ar.model)
-    ar_sampler.generate(np.full((tc.n, 1), EOD), 1, max_len=length)  # compile outside the timing
+    ar_sampler.generate(np.full((tc.n, 1), tok.vocab.eod), 1, max_len=length)  # compile outside the timing
     (tokens, stats), wall = _timed(lambda: generate(ar, **common, steps=0, ar_sampler=ar_sampler,
                                                     progress=tc.progress))
     rows.append({"family": "ar", "run_id": ar.run_id, "sampler": "kv-cache", "steps": n_gen, "nfe": stats["nfe"],
-                 "wall_s": wall, "tokens_per_s": tc.n * n_gen / wall, "entropy_bits": unigram_entropy_bits(tokens),
+                 "wall_s": wall, "tokens_per_s": tc.n * n_gen / wall, "entropy_bits": unigram_entropy_bits(tokens, tok),
                  **judge.score(tokens)})
 
-    corpus = load_corpus(judge_run.cfg.data.name, list(judge_run.cfg.data.paths), judge_run.cfg.data.heldout_fraction)
-    held = corpus.heldout[corpus.heldout < 256]
-    p = np.bincount(held, minlength=256) / max(1, held.size)
-    p = p[p > 0]
+    held = open_dataset(data_config_of(judge_run.cfg)).heldout
+    n_held = min(held.size, HELDOUT_TOKENS)
+    held_text = decode(tok.token_bytes, held.gather(np.zeros(1, np.int64), n_held)[0].tolist())
 
     def info(r):
         return {k: (r.row or {}).get(k) for k in ("run_id", "arch", "params", "nonembed_params", "tokens", "flops",
@@ -148,7 +166,7 @@ def run_tradeoff(tc: TradeoffConfig) -> dict:
         "settings": {"n": tc.n, "length": length, "generated_tokens": n_gen, "seed": tc.seed,
                      "temperature": tc.temperature, "confidence": tc.confidence, "schedule":
                      diff.model_cfg.diffusion.schedule, "device": str(jax.devices()[0].platform)},
-        "heldout_unigram_entropy_bits": float(-(p * np.log2(p)).sum()),
+        "heldout_unigram_entropy_bits": byte_entropy_bits(held_text),
         "rows": rows,
     }
 
