@@ -1,9 +1,10 @@
 """Multi-head attention with grouped-query heads, RoPE, optional q/k norm and sliding window.
 
 Causal or bidirectional; documents packed into one window are masked from each other when the
-context carries segment ids. The kernel is arch.attention_impl's (archs.attention_ops); a KV cache gives incremental decoding with the same numerics as
-the full forward pass (on the xla path: one query per step). With `attn_gate` every head's output is multiplied elementwise by
-sigmoid(x W_g) of the layer input before the output projection (gated attention, Qiu et al.
+context carries segment ids. The whole-window kernel is arch.attention_impl's (archs.attention_ops);
+a KV cache gives incremental decoding with the same numerics as the full forward pass, always on the
+xla path (a step has few queries). With `attn_gate` every head's output is multiplied elementwise
+by sigmoid(x W_g) of the layer input before the output projection (gated attention, Qiu et al.
 2025, as in Qwen3-Next).
 """
 
@@ -61,7 +62,8 @@ class Attention(nnx.Module):
         if cache is None:
             # block diffusion's [noisy; clean] pass carries ctx.blocks
             spec = MaskSpec(ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
-                            q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids, q_blocks=ctx.blocks, k_blocks=ctx.blocks)
+                            q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
+                            q_blocks=ctx.blocks, k_blocks=ctx.blocks)
             out = attention(q, k, v, spec, impl=self.cfg.attention_impl)
             return self._out(x_btd, out)
         # Incremental decoding: write the new keys at their positions, attend over the cache.

@@ -102,8 +102,8 @@ class MaskSpec(NamedTuple):
         return mask
 
 
-def attend_blocked(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, block_k: int = BLOCK_K):
-    """attend with the mask of `spec`, by online softmax over blocks of block_k keys.
+def attend_blocked(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, block_k: Optional[int] = None):
+    """attend with the mask of `spec`, by online softmax over blocks of block_k keys (default BLOCK_K).
 
     Keys are padded to whole blocks; the padded tail is masked out by a `valid` flag. Every block
     computes its scores and mask, rescales the running output by exp(old max - new max) and adds
@@ -112,7 +112,7 @@ def attend_blocked(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, block_k: int = BLO
     the block instead of storing them, keeping only the per-block carries."""
     b, t, h, dk = q_bthd.shape
     s, n_kv, dv = k_bshd.shape[1], k_bshd.shape[2], v_bshd.shape[3]
-    blk = min(block_k, s)
+    blk = min(block_k or BLOCK_K, s)
     n_blk = -(-s // blk)
     pad = n_blk * blk - s
 
@@ -165,7 +165,8 @@ def attend_blocked(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, block_k: int = BLO
 
 def attend_cudnn(q_bthd, k_bshd, v_bshd, spec: MaskSpec):
     """cuDNN flash attention. The causal window of `attention_mask` (0 <= t - s < window) is
-    cuDNN's left window of window - 1 keys; packed documents are a boolean mask."""
+    cuDNN's left window of window - 1 keys; packed documents are a boolean mask. Causality and
+    windows are by index: the positions' rule for the contiguous positions of a training window."""
     mask = None
     if spec.q_seg_bt is not None:
         mask = (spec.q_seg_bt[:, :, None] == spec.k_seg_bs[:, None, :])[:, None]

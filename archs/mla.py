@@ -83,7 +83,7 @@ class MLA(nnx.Module):
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
             spec = MaskSpec(ctx.positions, ctx.positions, causal=cfg.causal, q_seg_bt=ctx.segment_ids,
                             k_seg_bs=ctx.segment_ids)
-            return self._out(x_btd, attention(q, k, v, spec, impl=cfg.attention_impl))
+            return self._out(x_btd, attention(q, k, v, spec, impl=cfg.attention_impl))  # decode below: xla
         # Decoding: write the latent, attend in latent space with the up-projections absorbed.
         start = ctx.positions[0, 0]
         c_cache = jax.lax.dynamic_update_slice_in_dim(cache["c_kv"], c_kv.astype(cache["c_kv"].dtype), start, axis=1)

@@ -94,8 +94,8 @@ def _inputs(case, seed=0):
     dout = r.normal(size=(b, t, h, d)).astype(np.float32)
     pos = np.broadcast_to(np.arange(t), (b, t))
     seg = np.cumsum(r.random((b, t)) < 0.15, axis=1).astype(np.int32) if packed else None
-    spec = MaskSpec(jnp.asarray(pos), jnp.asarray(pos), causal=causal, window=window,
-                    q_seg_bt=None if seg is None else jnp.asarray(seg), k_seg_bs=None if seg is None else jnp.asarray(seg))
+    seg_j = None if seg is None else jnp.asarray(seg)
+    spec = MaskSpec(jnp.asarray(pos), jnp.asarray(pos), causal=causal, window=window, q_seg_bt=seg_j, k_seg_bs=seg_j)
     mask = ref_mask(pos, pos, causal=causal, window=window, q_seg=seg, k_seg=seg)
     return (q, k, v, dout), spec, mask
 
