@@ -142,8 +142,7 @@ def test_blocked_block_diffusion_mask_matches_reference():
         mask = ref_mask(pos, pos, causal=False, window=window, q_blk=(block, clean), k_blk=(block, clean))
         arrays = tuple(r.normal(size=s).astype(np.float32) for s in
                        ((b, 2 * t, h, d), (b, 2 * t, kv, d), (b, 2 * t, kv, d), (b, 2 * t, h, d)))
-        _check(IMPLS["blocked"](spec), arrays, mask)
-        _check(IMPLS["xla"](spec), arrays, mask)
+        _check(IMPLS["blocked"](spec), arrays, mask)  # xla: test_model_block_diffusion_forward_blocked_equals_xla
 
 
 # --- memory ---------------------------------------------------------------------------------------
