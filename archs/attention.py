@@ -1,9 +1,10 @@
 """Multi-head attention with grouped-query heads, RoPE, optional q/k norm and sliding window.
 
 Causal or bidirectional; documents packed into one window are masked from each other when the
-context carries segment ids. A KV cache gives incremental decoding with the same numerics as
-the full forward pass. With `attn_gate` every head's output is multiplied elementwise by
-sigmoid(x W_g) of the layer input before the output projection (gated attention, Qiu et al.
+context carries segment ids. The whole-window kernel is arch.attention_impl's (archs.attention_ops);
+a KV cache gives incremental decoding with the same numerics as the full forward pass, always on the
+xla path (a step has few queries). With `attn_gate` every head's output is multiplied elementwise
+by sigmoid(x W_g) of the layer input before the output projection (gated attention, Qiu et al.
 2025, as in Qwen3-Next).
 """
 
@@ -15,40 +16,11 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from archs.attention_ops import (AttnShape, MaskSpec, attend, attention, attention_mask, resolve_attention_impl,
+                                 warn_if_interpreted)
 from archs.config import ModelConfig
 from archs.context import Ctx
 from archs.layers import RMSNorm, apply_rope, compute_dtype, linear, rope_tables
-
-
-def attention_mask(q_pos_bt, k_pos_bs, *, causal: bool, window: int, q_seg_bt=None, k_seg_bs=None):
-    """Boolean [B, T, S]: may query t attend to key s."""
-    diff = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]
-    mask = jnp.ones(diff.shape, bool)
-    if causal:
-        mask &= diff >= 0
-    if window:
-        mask &= (diff < window) if causal else (jnp.abs(diff) < window)
-    if q_seg_bt is not None:
-        mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
-    return mask
-
-
-def attend(q_bthd, k_bshd, v_bshd, mask_bts):
-    """Softmax attention; query heads are grouped over the kv heads (GQA). Softmax in fp32.
-
-    Both products run heads-major ([b, kv, g, t, d]): each is then one plain batched GEMM, and
-    XLA's CPU backend needs no transposes of the [t, s] probabilities for the backward pass
-    (forward + backward 25% faster than contracting in the token-major layout)."""
-    n_kv = k_bshd.shape[2]
-    q = rearrange(q_bthd, "b t (k g) d -> b k g t d", k=n_kv)
-    k = rearrange(k_bshd, "b s k d -> b k s d")
-    v = rearrange(v_bshd, "b s k d -> b k s d")
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * q_bthd.shape[-1] ** -0.5
-    scores = jnp.where(mask_bts[:, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return rearrange(out, "b k g t d -> b t (k g) d")
 
 
 class Attention(nnx.Module):
@@ -66,6 +38,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd)
         if cfg.attn_gate:
             self.w_gate = linear(cfg, d, h * hd, ("embed", "heads"), rngs=rngs)
+        # An implementation this layer cannot run on this platform fails here, before anything compiles.
+        resolve_attention_impl(cfg.attention_impl, self._shape(blocks=cfg.objective == "block_diffusion"))
+        warn_if_interpreted(cfg.attention_impl)
+
+    def _shape(self, *, blocks: bool) -> AttnShape:
+        cfg = self.cfg
+        return AttnShape(causal=cfg.causal, window=self.window, blocks=blocks, head_dim=cfg.head_dim,
+                         v_head_dim=cfg.head_dim, float32=compute_dtype(cfg) == jnp.float32)
 
     def _qkv(self, x_btd, ctx: Ctx):
         cfg = self.cfg
@@ -80,13 +60,12 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, ctx: Ctx, cache=None):
         q, k, v = self._qkv(x_btd, ctx)
         if cache is None:
-            mask = attention_mask(
-                ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
-                q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
-            )
-            if ctx.blocks is not None:  # block diffusion's [noisy; clean] pass
-                mask &= ctx.blocks.mask()
-            return self._out(x_btd, attend(q, k, v, mask))
+            # block diffusion's [noisy; clean] pass carries ctx.blocks
+            spec = MaskSpec(ctx.positions, ctx.positions, causal=self.cfg.causal, window=self.window,
+                            q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids,
+                            q_blocks=ctx.blocks, k_blocks=ctx.blocks)
+            out = attention(q, k, v, spec, impl=self.cfg.attention_impl)
+            return self._out(x_btd, out)
         # Incremental decoding: write the new keys at their positions, attend over the cache.
         start = ctx.positions[0, 0]
         k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
@@ -121,7 +100,7 @@ class Attention(nnx.Module):
 def attention_pairs(seq_len: int, *, causal: bool, window: int, executed: bool) -> float:
     """Number of (query, key) pairs attention evaluates for one sequence."""
     t = seq_len
-    if executed:
+    if executed:  # every attention_impl computes all pairs (blocked too: it skips no key block)
         return float(t * t)
     if window and window < t:
         if causal:

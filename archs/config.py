@@ -64,6 +64,17 @@ class GdnImpl(StrEnum):
     pallas = "pallas"  # Pallas kernels (Triton on GPU, Mosaic on TPU; interpret mode on CPU: slow)
 
 
+class AttentionImpl(StrEnum):
+    """Softmax attention kernel of A, S and L layers (archs.attention_ops; the KV-cache decode path
+    is always xla). An explicit choice that cannot run a layer is a ConfigError naming the fix."""
+
+    auto = "auto"  # GPU: cudnn where it can, TPU: pallas where it can, else xla; CPU: blocked for long T * S
+    xla = "xla"  # dense [T, S] scores and mask (the reference)
+    blocked = "blocked"  # online softmax over key blocks, no [T, S] array (long sequences on CPU)
+    cudnn = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"): GPU, bf16 / fp16
+    pallas = "pallas"  # Pallas flash attention (Triton on GPU, Mosaic on TPU; interpret mode on CPU: slow)
+
+
 class Remat(StrEnum):
     """What a block keeps for the backward pass (archs.model.REMAT_POLICIES); the rest is
     recomputed. A memory-for-compute trade of the training step, never a change of its numbers."""
@@ -110,6 +121,7 @@ class ModelConfig:
     qk_norm: bool = False  # A and S layers (an L layer normalises its latent instead)
     attn_gate: bool = False  # sigmoid gate on every head's output from the layer input (Qwen3-Next); A, S, L
     rope_theta: float = 10000.0
+    attention_impl: AttentionImpl = AttentionImpl.auto  # attention kernel (AttentionImpl)
     doc_mask: bool = True  # packed documents do not see each other (attention mask / state reset)
     tie_embeddings: bool = False
     # Compute dtype; parameters, norms' statistics, softmax and loss stay float32. auto: bfloat16 on

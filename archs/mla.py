@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from archs.attention import attend, attention_mask, attention_pairs
+from archs.attention import attention_mask, attention_pairs
+from archs.attention_ops import AttnShape, MaskSpec, attention, resolve_attention_impl, warn_if_interpreted
 from archs.config import ModelConfig
 from archs.context import Ctx
 from archs.layers import RMSNorm, apply_rope, compute_dtype, linear, rope_tables
@@ -47,6 +48,9 @@ class MLA(nnx.Module):
         self.wo = linear(cfg, h * dh, d, ("heads", "embed"), rngs=rngs, std=out_std)
         if cfg.attn_gate:
             self.w_gate = linear(cfg, d, h * dh, ("embed", "heads"), rngs=rngs)
+        resolve_attention_impl(cfg.attention_impl, AttnShape(causal=cfg.causal, head_dim=dh + dr, v_head_dim=dh,
+                                                             float32=compute_dtype(cfg) == jnp.float32))
+        warn_if_interpreted(cfg.attention_impl)
 
     def _q(self, x_btd, cos, sin):
         """(q_nope [b, t, h, d_h], q_rope [b, t, h, d_r] rotated)."""
@@ -77,9 +81,9 @@ class MLA(nnx.Module):
             v = rearrange(self.wv_up(c_kv), "b t (h d) -> b t h d", h=cfg.n_heads)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
-            mask = attention_mask(ctx.positions, ctx.positions, causal=cfg.causal, window=0,
-                                  q_seg_bt=ctx.segment_ids, k_seg_bs=ctx.segment_ids)
-            return self._out(x_btd, attend(q, k, v, mask))
+            spec = MaskSpec(ctx.positions, ctx.positions, causal=cfg.causal, q_seg_bt=ctx.segment_ids,
+                            k_seg_bs=ctx.segment_ids)
+            return self._out(x_btd, attention(q, k, v, spec, impl=cfg.attention_impl))  # decode below: xla
         # Decoding: write the latent, attend in latent space with the up-projections absorbed.
         start = ctx.positions[0, 0]
         c_cache = jax.lax.dynamic_update_slice_in_dim(cache["c_kv"], c_kv.astype(cache["c_kv"].dtype), start, axis=1)

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 
+from archs.attention_ops import check_attention_impl
 from archs.config import LAYER_KINDS, MLP_KINDS, ModelConfig
 from archs.errors import ConfigError
 
@@ -108,7 +109,9 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         gdn_head_dim=cfg.gdn_head_dim or head_dim,
         mamba_head_dim=mamba_head_dim,
     )
-    return dataclasses.replace(cfg, moe=_resolve_moe(cfg), mla=_resolve_mla(cfg))
+    cfg = dataclasses.replace(cfg, moe=_resolve_moe(cfg), mla=_resolve_mla(cfg))
+    check_attention_impl(cfg)
+    return cfg
 
 
 def _resolve_moe(cfg: ModelConfig):
