@@ -183,3 +183,16 @@ def test_cooldown_branch_equals_a_separately_trained_wsd_run(tmp_path):
     for a, b in zip(log(branch), after_fork):
         assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
     assert abs(branch["eval_bpb"] - plain["eval_bpb"]) <= 1e-6, (branch["eval_bpb"], plain["eval_bpb"])
+
+
+def test_run_ids_of_existing_configs_do_not_move():
+    """Settings added later at their defaults (data.dir, data.tokenizer, data.mqar, arch.attention_impl)
+    leave run ids as they were, so existing roots resume and skip their finished runs; the literal is
+    the id the previous release gave this config."""
+    from sweeps.engine.plan import run_id_for
+
+    assert run_id_for(compose(["+arch=ar", "sweep=none"])) == "ar-xs-1500000tok-s0-fa97f443"
+    assert run_id_for(compose(["+arch=ar", "sweep=none", "arch.attention_impl=blocked"])) == \
+        "ar-xs-1500000tok-s0-fa97f443"  # an implementation choice: the same run
+    mqar = [run_id_for(compose(["+arch=ar", "sweep=none", "data=mqar", f"data.mqar.pairs={p}"])) for p in (4, 8)]
+    assert mqar[0] != mqar[1]

@@ -73,6 +73,10 @@ def result_fields(cfg: Config) -> dict:
             for key in ("dir", "tokenizer"):  # unset: ids of byte-corpus runs stay what they were
                 if not v[key]:
                     del v[key]
+            if v["name"] != "mqar":
+                del v["mqar"]
+        if path == "arch":  # how attention runs (the same numbers to fp32 rounding), not what it computes
+            del v["attention_impl"]
         out[path] = v
     return out
 
