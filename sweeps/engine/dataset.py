@@ -188,7 +188,10 @@ def _tokens_dir(data: DataConfig) -> Path:
     return Path(data.dir).expanduser().absolute()
 
 
-def open_dataset(data: DataConfig) -> Dataset | MqarDataset:
+AnyDataset = Dataset | MqarDataset  # what open_dataset returns: one interface, text or generated
+
+
+def open_dataset(data: DataConfig) -> AnyDataset:
     """The dataset of a data config: stdlib and text read into memory, tokens memory-mapped
     (start-up reads the manifest and the tokenizer; shards are checked as they are used), mqar
     generated."""

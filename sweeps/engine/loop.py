@@ -35,7 +35,7 @@ from archs.mixers import model_state_bytes
 from archs.sizes import pattern_shortfall
 from sweeps.config import Config, Role
 from sweeps.engine.checkpoint import Checkpointer
-from sweeps.engine.dataset import Dataset, EvalWindows, open_dataset
+from sweeps.engine.dataset import AnyDataset, EvalWindows, open_dataset
 from sweeps.engine.distributed import any_process, barrier, broadcast, initialize, is_primary
 from sweeps.engine.interrupts import Interrupted, Preempted, StopSignals
 from sweeps.engine.liveness import run_dir
@@ -144,7 +144,7 @@ def _check_trunk(cfg: Config, plan: Plan) -> None:
                           "train the trunk first (the sweep does it before its branches)")
 
 
-def _row_fields(cfg: Config, plan: Plan, dataset: Dataset, digest: str) -> dict:
+def _row_fields(cfg: Config, plan: Plan, dataset: AnyDataset, digest: str) -> dict:
     mc = plan.model_cfg
     own_steps = plan.steps - fork_step(cfg, plan) if cfg.role == Role.branch else plan.steps
     return {
@@ -168,7 +168,7 @@ def _row_fields(cfg: Config, plan: Plan, dataset: Dataset, digest: str) -> dict:
 _CLAIMS = ("claimed", "done", "busy")
 
 
-def _claim_and_train(cfg: Config, plan: Plan, dataset: Dataset, windows: EvalWindows, run_id: str, digest: str,
+def _claim_and_train(cfg: Config, plan: Plan, dataset: AnyDataset, windows: EvalWindows, run_id: str, digest: str,
                      devices, signals: StopSignals) -> dict:
     # Process 0 claims the row and holds the lock; the others learn its decision.
     db, lock, claim, prior_wall = None, None, "claimed", 0.0
@@ -221,7 +221,7 @@ def _record_failure(db: ResultsDB | None, run_id: str, error: str, wall: float) 
         print(f"warning: could not mark run {run_id} failed in the results database ({e})", file=sys.stderr)
 
 
-def _train_claimed(cfg: Config, plan: Plan, dataset: Dataset, windows: EvalWindows, run_id: str, trainer: Trainer,
+def _train_claimed(cfg: Config, plan: Plan, dataset: AnyDataset, windows: EvalWindows, run_id: str, trainer: Trainer,
                    db: ResultsDB | None, signals: StopSignals, prior_wall: float, t0: float) -> dict:
     mc = plan.model_cfg
     primary = db is not None  # process 0 writes; the others only compute and checkpoint
