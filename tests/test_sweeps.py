@@ -234,6 +234,22 @@ def test_extra_axes_get_their_own_isoflop_grid(tmp_path):
     assert not (tmp_path / "runs").exists()  # a dry run trains nothing
 
 
+
+def test_the_arch_can_be_a_sweep_axis(tmp_path):
+    """`+arch=ar,gdn` sweeps the arch itself: the sweep's settings come from its first value (the
+    master config has no arch), and every arch gets every point; a sweep without budgets
+    (sweep=mqar) crosses its sweep.grid with the axis."""
+    import re
+
+    proc = run_cli(["-m", "sweeps.run", "sweep=mqar", "+arch=ar,gdn", f"root={tmp_path}", "sweep.dry_run=true"],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [ln for ln in proc.stderr.splitlines() if "would train" in ln]
+    points = {(re.search(r"would train (\w+?)-", ln).group(1), re.search(r"arch\.d_model=(\d+)", ln).group(1),
+               re.search(r"data\.mqar\.pairs=(\d+)", ln).group(1)) for ln in jobs}
+    assert points == {(a, d, p) for a in ("ar", "gdn") for d in ("32", "64") for p in ("4", "8")}, jobs
+    assert len(jobs) == 8 and not (tmp_path / "runs").exists()
+
 # --- the report on a database with known laws ----------------------------------------------------------
 
 BUDGETS = [1e15, 1e16, 1e17, 1e18, 1e19]
