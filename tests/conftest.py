@@ -54,6 +54,38 @@ def stdlib_corpus():
     return load_corpus("stdlib")
 
 
+# --- the reference sampling of in-memory corpora ------------------------------------------------------
+# What every engine Dataset reproduces (sweeps.engine.dataset): windows starting uniformly at random
+# in the training stream (numpy's generator seeded by (seed, step)), and non-overlapping held-out
+# windows spread evenly; column 0 precedes the scored targets 1..T.
+
+
+def train_batch(corpus, seed: int, step: int, batch_size: int, seq_len: int):
+    import numpy as np
+
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, corpus.train.size - seq_len - 1, size=batch_size, endpoint=True)
+    return corpus.train[starts[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
+
+
+def eval_windows(corpus, seq_len: int, n_windows: int):
+    import numpy as np
+
+    avail = (corpus.heldout.size - 1) // seq_len
+    n = max(1, min(n_windows, avail))
+    starts = (np.arange(n) * avail // n) * seq_len
+    return corpus.heldout[starts[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
+
+
+def n_bytes(targets) -> int:
+    """Bytes of text behind byte-tokenizer targets (special tokens carry none)."""
+    import numpy as np
+
+    from archs.tokens import BYTES
+
+    return int((np.asarray(targets) < BYTES.n_text).sum())
+
+
 # --- numerics helpers shared by the model tests ------------------------------------------------------
 
 # LLVM at -O0: the tests that use these check numerics and HLO-level FLOP counts, both unaffected

@@ -51,7 +51,7 @@ def test_remat_policies_keep_loss_and_gradients_and_cut_memory(arch, policies, s
     compiled forward + backward needs far fewer temporaries with block than with none (dots in
     between). MoE: block only (the policy does not matter to the statistics, compiles do). On CPU only with trainer.CPU_REMAT_OPTIONS: XLA:CPU would otherwise merge the
     recomputation back into the forward pass."""
-    from sweeps.engine.data import train_batch
+    from conftest import train_batch
 
     over = [f"+arch={arch}", "sweep=none", "arch.size=xxs", "arch.n_layers=4", "arch.dtype=float32",
             "train.seq_len=64", "train.batch_size=4", "train.tokens=100000"]
@@ -100,7 +100,7 @@ def test_bf16_training_tracks_fp32_over_50_steps(stdlib_corpus):
     and loss) follows the fp32 run at the default learning rate: every step's loss within 1% of it
     (measured: 0.12% at most), the last ten steps' mean within 0.2% (measured: 0.01%). The bf16
     model really multiplies in bf16 (bf16 projections in its jaxpr) and its losses differ."""
-    from sweeps.engine.data import train_batch
+    from conftest import train_batch
     from sweeps.engine.plan import plan_run
     from sweeps.engine.trainer import Trainer
 

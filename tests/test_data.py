@@ -2,7 +2,7 @@
 
 Every corpus is generated here (a few hundred KB); tokenizers are tiny (a few hundred ids).
 References: the input documents themselves, the tokenizers library's own encode/decode, the
-in-memory data=text path (sweeps.engine.data, unchanged), whole-stream numpy indexing, and a
+in-memory data=text corpus sampled as the first release did (conftest), whole-stream numpy indexing, and a
 direct recomputation of bits per byte from per-window nats and decoded window text.
 """
 
@@ -404,7 +404,9 @@ def test_batches_and_windows_from_shards_equal_whole_stream_indexing(ascii_corpu
     against numpy indexing of the whole stream read into memory; byte shards against the
     unchanged data=text path too (same stream, same batches, same held-out windows and bytes)."""
     from sweeps.config import DataConfig
-    from sweeps.engine.data import eval_windows, load_corpus, n_bytes, train_batch
+    from conftest import eval_windows, n_bytes, train_batch
+
+    from sweeps.engine.data import load_corpus
     from sweeps.engine.dataset import open_dataset
 
     text = load_corpus("text", [str(ascii_corpus / "in")], 0.1)

@@ -69,10 +69,10 @@ SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     sys.path.insert(0, "tests")
-    from conftest import compose
+    from conftest import compose, train_batch
     from sweeps.engine.trainer import Trainer
     from sweeps.engine.plan import plan_run
-    from sweeps.engine.data import load_corpus, train_batch
+    from sweeps.engine.data import load_corpus
     corpus = load_corpus("stdlib")
     arch = sys.argv[1]
     base = [f"+arch={arch}", "sweep=none", "arch.size=xxs", "arch.d_model=64", "arch.n_heads=4", "arch.n_kv_heads=2",
@@ -111,16 +111,18 @@ def test_sharded_step_matches_single_device(arch, axes):
     assert any(all(a in s for a in axes) for s in res["specs"]), res["specs"]
 
 
-def test_same_seed_same_metrics(tmp_path, stdlib_corpus):
-    from sweeps.engine.data import train_batch
+def test_same_seed_same_metrics(tmp_path):
+    from sweeps.config import DataConfig
+    from sweeps.engine.dataset import open_dataset
     from sweeps.engine.loop import train
 
     # the batch for step s does not depend on how the run got there
-    a = train_batch(stdlib_corpus, 3, 7, 4, 16)
+    ds = open_dataset(DataConfig())
+    a = ds.train_batch(3, 7, 4, 16)
     for s in range(7):
-        train_batch(stdlib_corpus, 3, s, 4, 16)
-    np.testing.assert_array_equal(a, train_batch(stdlib_corpus, 3, 7, 4, 16))
-    assert not np.array_equal(a, train_batch(stdlib_corpus, 4, 7, 4, 16))
+        ds.train_batch(3, s, 4, 16)
+    np.testing.assert_array_equal(a, ds.train_batch(3, 7, 4, 16))
+    assert not np.array_equal(a, ds.train_batch(4, 7, 4, 16))
 
     logs = []
     for i in range(2):

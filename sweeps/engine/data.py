@@ -133,46 +133,6 @@ def load_corpus(name: str, paths: list[str] | None = None, heldout_fraction: flo
     return Corpus(label, digest.hexdigest(), len(named), train, held)
 
 
-def check_windows(corpus: Corpus, seq_len: int) -> None:
-    if corpus.heldout.size < seq_len + 1:
-        raise ConfigError(
-            f"train.seq_len={seq_len} is longer than the held-out split ({corpus.heldout.size} tokens) of "
-            f"{corpus.name}; use a shorter train.seq_len or more data"
-        )
-    if corpus.train.size < seq_len + 1:
-        raise ConfigError(
-            f"train.seq_len={seq_len} is longer than the training split ({corpus.train.size} tokens); "
-            "use a shorter train.seq_len or more data"
-        )
-
-
-def train_batch(corpus: Corpus, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
-    """Windows [B, seq_len + 1] for training step `step`: a pure function of (seed, step).
-
-    Column 0 is the token preceding the scored window, so AR (predict 1..T from 0..T-1) and
-    diffusion (denoise 1..T) score exactly the same bytes.
-    """
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, corpus.train.size - seq_len - 1, size=batch_size, endpoint=True)
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    return corpus.train[idx].astype(np.int32)
-
-
-def eval_windows(corpus: Corpus, seq_len: int, n_windows: int) -> np.ndarray:
-    """Fixed held-out windows [n, seq_len + 1], non-overlapping and spread over the split."""
-    check_windows(corpus, seq_len)
-    avail = (corpus.heldout.size - 1) // seq_len
-    n = max(1, min(n_windows, avail))
-    starts = (np.arange(n) * avail // n) * seq_len
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    return corpus.heldout[idx].astype(np.int32)
-
-
-def n_bytes(targets: np.ndarray) -> int:
-    """Bytes of text behind a block of target tokens (special tokens carry no bytes)."""
-    return int((np.asarray(targets) < BYTES.n_text).sum())
-
-
 def byte_unigram_bits(stream: np.ndarray) -> float:
     """Entropy (bits per byte) of the byte unigram distribution: the no-context baseline."""
     b = stream[stream < 256]

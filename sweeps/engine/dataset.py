@@ -7,8 +7,8 @@
 
 The three text sources go through the same sampling: a split is one stream of tokens (documents each
 followed by EOD), training windows start uniformly at random in it (numpy's generator seeded by
-(seed, step)), held-out windows are non-overlapping and spread evenly. For data=stdlib and
-data=text the windows are exactly those of sweeps.engine.data.train_batch / eval_windows.
+(seed, step)), held-out windows are non-overlapping and spread evenly (the sampling of the
+first release, so data=stdlib and data=text runs see the batches they always saw).
 
 Bits per byte need the text bytes behind the scored tokens: every tokenizer maps each id to a
 fixed byte string, so the bytes of a window are a sum over a per-id table (`token_len`). For the
@@ -39,7 +39,7 @@ from sweeps.config import DataConfig, DataName
 from sweeps.engine.data import Corpus, load_corpus
 from sweeps.engine.mqar import MqarTask
 from sweeps.engine.shards import read_manifest, open_split, Stream
-from sweeps.engine.tokenizer import BpeTokenizer, ByteTokenizer
+from sweeps.engine.tokenizer import BpeTokenizer, ByteTokenizer, token_lengths
 
 DEFAULT_VOCAB = ModelConfig.vocab_size  # 259: the byte vocabulary, which a config gets unless it says otherwise
 
@@ -149,14 +149,10 @@ class MqarDataset:
 # --- opening ------------------------------------------------------------------------------------
 
 
-def _byte_lengths(token_bytes: list[bytes]) -> np.ndarray:
-    return np.array([len(b) for b in token_bytes], np.int64)
-
-
 def _from_corpus(corpus: Corpus) -> Dataset:
     tok = ByteTokenizer()
     return Dataset(corpus.name, corpus.sha256, corpus.n_files, tok.name, BYTES, Stream.of_array(corpus.train),
-                   Stream.of_array(corpus.heldout), _byte_lengths(tok.token_bytes))
+                   Stream.of_array(corpus.heldout), token_lengths(tok.token_bytes))
 
 
 def manifest_tokenizer(directory: Path, manifest: dict):
@@ -207,7 +203,7 @@ def open_dataset(data: DataConfig) -> AnyDataset:
     return Dataset(src["label"], src["sha256"], src["files"], tok.name, tok.vocab,
                    open_split(directory, m, "train", random_access=True),
                    open_split(directory, m, "heldout", random_access=False),
-                   _byte_lengths(tok.token_bytes), directory)
+                   token_lengths(tok.token_bytes), directory)
 
 
 def data_vocab(data: DataConfig) -> int:

@@ -234,6 +234,11 @@ def load_bpe(path: str | Path) -> BpeTokenizer:
     return BpeTokenizer(text, f"tokenizer.path={str(path)!r}")
 
 
+def token_lengths(token_bytes: list[bytes]) -> np.ndarray:
+    """[vocab] text bytes behind each id (0 for EOD, MASK, PAD): the denominator table of bits per byte."""
+    return np.array([len(b) for b in token_bytes], np.int64)
+
+
 def decode(token_bytes: list[bytes], ids: Iterable[int]) -> bytes:
     """The text bytes of `ids` (special tokens carry none)."""
     return b"".join(token_bytes[i] for i in ids)

@@ -39,7 +39,7 @@ from sweeps.config import PrepareConfig, TokenizerName
 from sweeps.engine.shards import (FORMAT, MANIFEST, SPLITS, UNFINISHED, VERIFIED, VERSION, SplitWriter, open_split,
                                   read_manifest, split_entry, write_atomic, write_stamp)
 from sweeps.engine.sources import Kind, Source, file_sha256, is_heldout, precheck, segments, sources
-from sweeps.engine.tokenizer import BpeTokenizer, ByteTokenizer, load_bpe, train_bpe
+from sweeps.engine.tokenizer import BpeTokenizer, ByteTokenizer, load_bpe, token_lengths, train_bpe
 
 BATCH_BYTES = 1 << 22  # text handed to one encoding task
 TOKENIZER_FILE = "tokenizer.json"
@@ -266,7 +266,7 @@ def _resplit_tail(out: Path, shards: dict, dtype, fraction: float, token_len, eo
 def _run(pc: PrepareConfig, srcs: list[Source], out: Path, tok, tok_settings: dict, inputs: list[str],
          encoder: Encoder) -> dict:
     t0 = time.perf_counter()
-    token_len = np.array([len(b) for b in tok.token_bytes], np.int64)
+    token_len = token_lengths(tok.token_bytes)
     writers = {split: SplitWriter(out, split, tok.dtype, pc.shard_tokens, token_len, tok.vocab.eod)
                for split in SPLITS}
     encoder.tok = tok
