@@ -138,4 +138,4 @@ def byte_unigram_bits(stream: np.ndarray) -> float:
     b = stream[stream < 256]
     p = np.bincount(b, minlength=256) / max(1, b.size)
     p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # a single byte value: 0, not -0

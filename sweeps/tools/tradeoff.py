@@ -31,6 +31,7 @@ from archs.objective import token_nll
 from archs.sampling import ARSampler
 from diffusion.samplers import ModelDenoiser
 from sweeps.config import TradeoffConfig
+from sweeps.engine.data import byte_unigram_bits
 from sweeps.engine.dataset import open_dataset
 from sweeps.engine.tokenizer import decode
 from sweeps.engine.records import ResultsDB
@@ -93,12 +94,7 @@ class Judge:
 
 def byte_entropy_bits(text: bytes) -> float:
     """Entropy (bits) of the byte distribution of a text."""
-    b = np.frombuffer(text, np.uint8)
-    if b.size == 0:
-        return 0.0
-    p = np.bincount(b, minlength=256) / b.size
-    p = p[p > 0]
-    return max(0.0, float(-(p * np.log2(p)).sum()))  # a single byte value: 0, not -0
+    return byte_unigram_bits(np.frombuffer(text, np.uint8))
 
 
 def unigram_entropy_bits(samples_bl, tokenizer) -> float:
