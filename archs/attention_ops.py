@@ -35,6 +35,7 @@ from einops import rearrange, repeat
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_tpu_attention
 
+from archs.backends import pallas_backend
 from archs.config import AttentionImpl, ModelConfig
 from archs.context import BlockSpec, block_mask
 from archs.errors import ConfigError
@@ -211,14 +212,6 @@ def attend_pallas(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, backend: str):
 # --- selection -----------------------------------------------------------------------------------
 
 
-def platform_kind(platform: Optional[str] = None) -> str:
-    """'gpu', 'tpu' or 'cpu' (anything else) for a JAX platform name (default: the default backend)."""
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return "tpu" if platform == "tpu" else "cpu"
-
-
 class AttnShape(NamedTuple):
     """What decides which implementations can run one attention call."""
 
@@ -272,19 +265,19 @@ def resolve_attention_impl(impl, a: AttnShape, *, q_len: int = 0, kv_len: int = 
     (auto by the module docstring's rule; q_len, kv_len: 0 when not known yet). An explicit choice
     that cannot run is a ConfigError."""
     impl = parse_attention_impl(impl)
-    kind = platform_kind(platform)
+    backend = pallas_backend(platform)
     if impl is AttentionImpl.auto:
-        if kind == "gpu" and _refusal(AttentionImpl.cudnn, a) is None:
+        if backend == "gpu" and _refusal(AttentionImpl.cudnn, a) is None:
             return AttentionImpl.cudnn
-        if kind == "tpu" and _refusal(AttentionImpl.pallas, a) is None:
+        if backend == "tpu" and _refusal(AttentionImpl.pallas, a) is None:
             return AttentionImpl.pallas
-        if kind == "cpu" and q_len * kv_len >= BLOCKED_MIN_PAIRS:
+        if backend == "interpret" and q_len * kv_len >= BLOCKED_MIN_PAIRS:
             return AttentionImpl.blocked
         return AttentionImpl.xla
     why = _refusal(impl, a)
     if why:
         raise ConfigError(why)
-    if impl is AttentionImpl.cudnn and kind != "gpu":
+    if impl is AttentionImpl.cudnn and backend != "gpu":
         raise ConfigError(f"arch.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()!r} "
                           "if not told otherwise); use arch.attention_impl=auto, xla or blocked")
     return impl
@@ -319,18 +312,16 @@ def attention(q_bthd, k_bshd, v_bshd, spec: MaskSpec, *, impl, platform: Optiona
     if chosen is AttentionImpl.cudnn:
         return attend_cudnn(q_bthd, k_bshd, v_bshd, spec)
     if chosen is AttentionImpl.pallas:
-        kind = platform_kind(platform)
-        backend = kind if kind != "cpu" else "interpret"
-        return attend_pallas(q_bthd, k_bshd, v_bshd, spec, backend=backend)
+        return attend_pallas(q_bthd, k_bshd, v_bshd, spec, backend=pallas_backend(platform))
     return attend(q_bthd, k_bshd, v_bshd, spec.dense())
 
 
 def warn_if_interpreted(impl, platform: Optional[str] = None) -> None:
-    if parse_attention_impl(impl) is AttentionImpl.pallas and platform_kind(platform) == "cpu":
+    if parse_attention_impl(impl) is AttentionImpl.pallas and pallas_backend(platform) == "interpret":
         warnings.warn("arch.attention_impl=pallas on a CPU runs the Pallas GPU kernel in interpret mode (exact, "
                       "slow: for tests); arch.attention_impl=auto picks xla or blocked here", stacklevel=3)
 
 
 __all__ = ["BLOCKED_MIN_PAIRS", "AttnShape", "MaskSpec", "attend", "attend_blocked", "attend_cudnn", "attend_pallas",
-           "attention", "attention_mask", "check_attention_impl", "platform_kind", "resolve_attention_impl",
+           "attention", "attention_mask", "check_attention_impl", "resolve_attention_impl",
            "warn_if_interpreted"]

@@ -63,12 +63,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from archs.backends import pallas_backend
 from archs.config import GdnImpl
 from archs.errors import ConfigError
 
 from .gated_delta import _chunk_len, _pad_time, _resets, gated_delta_rule
 
-__all__ = ["gated_delta_kernel", "gated_delta_rule_pallas", "pallas_backend", "resolve_gdn_impl"]
+__all__ = ["gated_delta_kernel", "gated_delta_rule_pallas", "resolve_gdn_impl"]
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -78,17 +79,6 @@ _MIN_TILE = 16  # smallest dot dimension the Triton backend accepts
 # ----------------------------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------------------------
-
-
-def pallas_backend(platform: Optional[str] = None) -> str:
-    """'gpu' (Triton), 'tpu' (Mosaic) or 'interpret' (anything else, e.g. CPU) for a JAX platform
-    name (default: the default backend)."""
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if platform == "tpu":
-        return "tpu"
-    return "interpret"
 
 
 def _triton_tiles(*sizes: int) -> bool:
