@@ -50,6 +50,11 @@ class EvalWindows(NamedTuple):
     answers: np.ndarray | None = None  # [n, T] bool: targets scored for recall (data=mqar)
 
 
+def window_bytes(token_len: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Text bytes behind the targets (columns 1..T) of each window, from the per-id table."""
+    return token_len[np.asarray(windows)[:, 1:]].sum(axis=1, dtype=np.int64)
+
+
 @dataclass
 class Dataset:
     name: str  # the corpus, as the results row records it
@@ -97,9 +102,6 @@ class Dataset:
         diffusion (denoise 1..T) score exactly the same tokens. Only the requested rows are read."""
         return self.train.gather(self.train_starts(seed, step, batch_size, seq_len)[rows], seq_len + 1)
 
-    def window_bytes(self, windows: np.ndarray) -> np.ndarray:
-        """Text bytes behind the targets (columns 1..T) of each window."""
-        return self.token_len[np.asarray(windows)[:, 1:]].sum(axis=1, dtype=np.int64)
 
     def eval_windows(self, seq_len: int, n_windows: int) -> EvalWindows:
         """Fixed held-out windows, non-overlapping and spread over the split, with their bytes."""
@@ -108,7 +110,7 @@ class Dataset:
         n = max(1, min(n_windows, avail))
         starts = (np.arange(n) * avail // n) * seq_len
         tokens = self.heldout.gather(starts, seq_len + 1)
-        return EvalWindows(tokens, self.window_bytes(tokens))
+        return EvalWindows(tokens, window_bytes(self.token_len, tokens))
 
 
 class MqarDataset:
@@ -143,7 +145,7 @@ class MqarDataset:
 
     def eval_windows(self, seq_len: int, n_windows: int) -> EvalWindows:
         tokens, answers = self.task.heldout(n_windows, seq_len)
-        return EvalWindows(tokens, self.token_len[tokens[:, 1:]].sum(axis=1, dtype=np.int64), answers)
+        return EvalWindows(tokens, window_bytes(self.token_len, tokens), answers)
 
 
 # --- opening ------------------------------------------------------------------------------------
